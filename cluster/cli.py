@@ -1,0 +1,181 @@
+"""The `specray` command line: generate, bench, serve.
+
+    specray generate --target NAME|PATH [--draft none|ngram|model:PATH|KIND:PATH] [--k N] [--temperature T]
+                     [--top-p P] [--top-k K] [--seed S] [--max-tokens N] [--dtype fp32|bf16]
+                     (--prompt TEXT | --prompts FILE.jsonl) [--chat] [--json OUT.jsonl]
+    specray bench offline --target ... --drafts none,ngram[,...] [--peers hf_generate,hf_assisted]
+                     --prompts FILE --max-tokens N [--dtype] [--chat] --json OUT.json
+    specray serve [--target ...] [--draft ...] [--port P] [--dtype ...]
+
+User errors (a bad flag value, a missing model, a malformed prompt file) print one clear line and exit 2; they
+never end in a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+DEFAULT_TARGET = "smollm2-135m"
+
+
+def _add_model_args(p: argparse.ArgumentParser, draft_default: str = "none") -> None:
+    p.add_argument("--target", default=DEFAULT_TARGET, help="model name, .gguf file, HF directory or cached HF id")
+    p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--max-model-len", type=int, default=4096, help="context length served (<= the model's)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-tokens", type=int, default=128)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="specray", description="Speculative decoding on a cluster.")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text in-process with speculative decoding")
+    _add_model_args(g)
+    _add_sampling_args(g)
+    g.add_argument("--draft", default="ngram", help="none | ngram[:N] | model:PATH | KIND:PATH (default: ngram)")
+    g.add_argument("--k", type=int, default=4, help="draft tokens verified per step")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one prompt")
+    src.add_argument("--prompts", help='JSONL file of {"id": str, "prompt": str} rows')
+    g.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    g.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (continuous batching)")
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--json", dest="json_out", help="write one JSON row per prompt to this file")
+
+    b = sub.add_parser("bench", help="benchmarks")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    off = bsub.add_parser("offline", help="batch-1 speed of every drafter and peer on the same prompts")
+    _add_model_args(off)
+    off.add_argument("--drafts", default="none,ngram", help="comma list of draft specs (none = target only)")
+    off.add_argument("--peers", default="", help="comma list: hf_generate,hf_assisted")
+    off.add_argument("--k", type=int, default=4)
+    off.add_argument("--prompts", required=True)
+    off.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    off.add_argument("--max-tokens", type=int, default=128)
+    off.add_argument("--chat", action="store_true")
+    off.add_argument("--records", help="also write one JSONL record per (mode, prompt)")
+    off.add_argument("--json", dest="json_out", required=True)
+
+    s = sub.add_parser("serve", help="serve the OpenAI-compatible API on 127.0.0.1")
+    _add_model_args(s)
+    s.add_argument("--draft", default="ngram")
+    s.add_argument("--k", type=int, default=4)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--max-batch", type=int, default=8)
+    s.add_argument("--api-key", default=os.environ.get("SPECRAY_API_KEY"))
+    return parser
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from bench.prompts import load_prompts
+    from workers.drafters.registry import build_drafter
+    from workers.engine.draft_client import InProcessDraftClient
+    from workers.engine.engine import SpecEngine
+    from workers.engine.prompting import encode_prompt
+    from workers.engine.sequence import Request
+    from workers.models.loader import load_model
+    from workers.params import SamplingParams
+
+    params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    params.validate()
+    rows = load_prompts(args.prompts) if args.prompts else [{"id": "prompt-0", "prompt": args.prompt}]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lm = load_model(args.target, args.dtype)
+    drafter = build_drafter(args.draft, lm, dtype=args.dtype, max_batch=args.max_batch,
+                            max_model_len=args.max_model_len)
+    engine = SpecEngine(lm, InProcessDraftClient(drafter) if drafter else None, max_batch=args.max_batch,
+                        max_model_len=args.max_model_len)
+    requests = []
+    for i, row in enumerate(rows):
+        ids = encode_prompt(lm.tokenizer, row["prompt"], args.chat)
+        p = params if params.seed is None else SamplingParams(params.temperature, params.top_k, params.top_p,
+                                                              params.seed + i)
+        requests.append(Request(row["id"], ids, args.max_tokens, p, args.k if drafter else 0, stop=args.stop))
+    for r in requests:
+        engine.validate(r)
+    t0 = time.perf_counter()
+    seqs = engine.run(requests)
+    out = open(args.json_out, "w") if args.json_out else None
+    for row, seq in zip(rows, seqs):
+        text = engine.text(seq)
+        rec = {"id": row["id"], "prompt": row["prompt"], "text": text, "token_ids": seq.output_ids,
+               "num_drafts": seq.num_drafts, "num_draft_tokens": seq.num_draft_tokens,
+               "num_accepted_tokens": seq.num_accepted_tokens, "accepted_per_pos": seq.accepted_per_pos,
+               "finish_reason": seq.finish_reason.value, "wall_s": round(seq.finish_s - seq.arrival_s, 4)}
+        if out:
+            out.write(json.dumps(rec) + "\n")
+        else:
+            print(text if len(rows) == 1 else json.dumps(rec))
+    if out:
+        out.close()
+    n = sum(len(s.output_ids) for s in seqs)
+    drafts = sum(s.num_drafts for s in seqs)
+    acc = sum(s.num_accepted_tokens for s in seqs)
+    wall = time.perf_counter() - t0
+    print(f"[specray] {len(seqs)} prompt(s), {n} tokens in {wall:.2f}s ({n / wall:.1f} tok/s), "
+          f"tau {1 + acc / drafts if drafts else 1.0:.2f}", file=sys.stderr)
+    return 0
+
+
+def cmd_bench_offline(args) -> int:
+    from bench.offline import run_offline
+    from bench.prompts import load_prompts
+
+    rows = load_prompts(args.prompts)[: args.limit]
+    result = run_offline(args.target, [d for d in args.drafts.split(",") if d],
+                         rows, args.max_tokens, [p for p in args.peers.split(",") if p], k=args.k, dtype=args.dtype,
+                         chat=args.chat, threads=args.threads, max_model_len=args.max_model_len,
+                         records=args.records)
+    with open(args.json_out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from cluster.local_serve import serve_in_process
+
+    serve_in_process(target=args.target, draft=args.draft, k=args.k, dtype=args.dtype, host=args.host,
+                     port=args.port, max_batch=args.max_batch, api_key=args.api_key, threads=args.threads)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="[specray] %(levelname)s %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from workers.models.loader import ModelNotFound
+
+    handlers = {"generate": cmd_generate, "serve": cmd_serve}
+    try:
+        if args.command == "bench":
+            return cmd_bench_offline(args)
+        return handlers[args.command](args)
+    except (ModelNotFound, ValueError, FileNotFoundError) as e:
+        print(f"specray: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Turn a `--draft` spec into a drafter.
+
+    none            no drafter: plain target decoding through the same loop (k = 0)
+    ngram[:N]       prompt lookup with n-grams up to N tokens (default 3)
+    model:PATH      an independent small LM (name, GGUF, directory or cached hub id) sharing the target's tokenizer
+    KIND:PATH       a learned drafter checkpoint (mtp1, eagle, dspark) once those kinds are registered
+"""
+
+from __future__ import annotations
+
+from workers.drafters.base import Drafter
+
+LEARNED_KINDS = ("mtp1", "eagle", "dspark")
+
+
+def parse_draft_spec(spec: str) -> tuple[str, str | None]:
+    spec = (spec or "none").strip()
+    kind, _, arg = spec.partition(":")
+    kind = kind.lower()
+    if kind in ("none", "ngram") or (kind in ("model", *LEARNED_KINDS) and arg):
+        return kind, arg or None
+    if kind == "model":
+        raise ValueError("--draft model needs a path: model:PATH")
+    if kind in LEARNED_KINDS:
+        raise ValueError(f"--draft {kind} needs a checkpoint: {kind}:PATH")
+    raise ValueError(f"unknown draft {spec!r}; use none, ngram[:N], model:PATH or one of "
+                     f"{', '.join(k + ':PATH' for k in LEARNED_KINDS)}")
+
+
+def build_drafter(spec: str, target, dtype="fp32", max_batch: int = 8, max_model_len: int = 4096) -> Drafter | None:
+    """target: the LoadedModel being served (learned drafters share its embedding and LM head)."""
+    kind, arg = parse_draft_spec(spec)
+    if kind == "none":
+        return None
+    if kind == "ngram":
+        from workers.drafters.ngram import NgramDrafter
+
+        try:
+            n = int(arg) if arg else 3
+        except ValueError:
+            raise ValueError(f"ngram size must be an integer, got {arg!r}") from None
+        return NgramDrafter(max_ngram=n)
+    if kind == "model":
+        from workers.drafters.model import ModelDrafter
+        from workers.models.loader import load_model
+
+        draft = load_model(arg, dtype)
+        if abs(draft.vocab_size - target.vocab_size) > 256 or (
+            draft.tokenizer.get_vocab() != target.tokenizer.get_vocab()
+        ):
+            raise ValueError(f"draft model {arg!r} does not share the target's tokenizer")
+        return ModelDrafter(draft, max_batch=max_batch, max_model_len=max_model_len)
+    raise ValueError(f"drafter kind {kind!r} is not available in this build yet")

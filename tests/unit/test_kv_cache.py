@@ -14,6 +14,8 @@ import torch
 from workers.models.kv_cache import KVCache
 from workers.models.loader import load_model
 
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
 
 @pytest.fixture(scope="module", params=("llama", "gemma3"))
 def model(request, tiny_models):

@@ -18,6 +18,8 @@ FAMILIES = ("llama", "qwen2", "qwen3", "gemma3")
 ATOL = 1e-4
 LENGTHS = (21, 13)  # two rows of different lengths; both longer than gemma3's sliding window of 8
 
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def family(request, tiny_models):

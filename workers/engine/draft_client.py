@@ -27,9 +27,12 @@ class DraftClient(ABC):
     def drafts(self, requests: list[DraftRequest]) -> list[DraftProposal]:
         """Fresh draft tokens continuing each request's context (fewer than k, or none, is always allowed)."""
 
-    def verdict(self, seq_id: str, committed: list[int], start: int, hidden: torch.Tensor | None) -> None:
-        """After a verification step: the sequence's committed tokens now end with `committed`, written from
-        position `start`; `hidden` holds the target features of those positions when the drafter asked for them."""
+    def verdict(self, seq_id: str, token_ids: list[int], num_new: int, feature_start: int,
+                hidden: torch.Tensor | None) -> None:
+        """After prefill or a verification step: `token_ids` is the sequence's whole committed context (prompt +
+        output), of which the last `num_new` tokens were committed by this step. `hidden` ([n, F], when the
+        drafter asked for features) holds the target's hidden states at positions feature_start .. + n: the state
+        at position q has read token q and predicts token q + 1."""
 
     @abstractmethod
     def finish(self, seq_id: str) -> None: ...
@@ -53,9 +56,9 @@ class InProcessDraftClient(DraftClient):
         self.draft_seconds += time.perf_counter() - t
         return out
 
-    def verdict(self, seq_id, committed, start, hidden) -> None:
+    def verdict(self, seq_id, token_ids, num_new, feature_start, hidden) -> None:
         if hidden is not None:
-            self.drafter.observe_target_features(seq_id, start, hidden)
+            self.drafter.observe_target_features(seq_id, feature_start, hidden)
 
     def finish(self, seq_id: str) -> None:
         self.drafter.release(seq_id)

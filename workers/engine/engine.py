@@ -172,7 +172,7 @@ class SpecEngine:
                 seq.finish_reason = None
                 self._finish(seq, reason)
             elif self.draft:
-                self.draft.verdict(seq.seq_id, new, result.feature_start[i], result.hidden[i])
+                self.draft.verdict(seq.seq_id, seq.token_ids, len(new), result.feature_start[i], result.hidden[i])
             events.append(StepEvent(seq.seq_id, new, seq.finished,
                                     seq.finish_reason.value if seq.finish_reason else None))
 

@@ -139,3 +139,101 @@ class DraftInfo(_message.Message):
     max_sequences: int
     active_sequences: int
     def __init__(self, drafter: _Optional[str] = ..., feature_layers: _Optional[_Iterable[int]] = ..., max_sequences: _Optional[int] = ..., active_sequences: _Optional[int] = ...) -> None: ...
+
+class GenerateRequest(_message.Message):
+    __slots__ = ("seq_id", "prompt_ids", "max_tokens", "params", "num_draft_tokens", "stop", "ignore_eos", "draft_address")
+    SEQ_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    NUM_DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    seq_id: str
+    prompt_ids: _containers.RepeatedScalarFieldContainer[int]
+    max_tokens: int
+    params: SamplingParams
+    num_draft_tokens: int
+    stop: _containers.RepeatedScalarFieldContainer[str]
+    ignore_eos: bool
+    draft_address: str
+    def __init__(self, seq_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., num_draft_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ..., draft_address: _Optional[str] = ...) -> None: ...
+
+class SequenceStats(_message.Message):
+    __slots__ = ("prompt_tokens", "completion_tokens", "num_drafts", "num_draft_tokens", "num_accepted_tokens", "accepted_per_pos", "num_steps", "stop_text_end")
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_DRAFTS_FIELD_NUMBER: _ClassVar[int]
+    NUM_DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_PER_POS_FIELD_NUMBER: _ClassVar[int]
+    NUM_STEPS_FIELD_NUMBER: _ClassVar[int]
+    STOP_TEXT_END_FIELD_NUMBER: _ClassVar[int]
+    prompt_tokens: int
+    completion_tokens: int
+    num_drafts: int
+    num_draft_tokens: int
+    num_accepted_tokens: int
+    accepted_per_pos: _containers.RepeatedScalarFieldContainer[int]
+    num_steps: int
+    stop_text_end: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., num_drafts: _Optional[int] = ..., num_draft_tokens: _Optional[int] = ..., num_accepted_tokens: _Optional[int] = ..., accepted_per_pos: _Optional[_Iterable[int]] = ..., num_steps: _Optional[int] = ..., stop_text_end: _Optional[int] = ...) -> None: ...
+
+class GenerateChunk(_message.Message):
+    __slots__ = ("token_ids", "finished", "finish_reason", "stats")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    finished: bool
+    finish_reason: str
+    stats: SequenceStats
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., stats: _Optional[_Union[SequenceStats, _Mapping]] = ...) -> None: ...
+
+class TargetInfo(_message.Message):
+    __slots__ = ("model", "max_model_len", "vocab_size", "max_batch", "max_draft_tokens", "running", "waiting", "tp", "num_drafts", "num_draft_tokens", "num_accepted_tokens", "accepted_per_pos", "prompt_tokens", "completion_tokens", "finished", "aborted", "fallback_steps", "draft_wait_seconds", "draft_rpc_latency_s", "healthy", "error")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    MAX_DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FIELD_NUMBER: _ClassVar[int]
+    TP_FIELD_NUMBER: _ClassVar[int]
+    NUM_DRAFTS_FIELD_NUMBER: _ClassVar[int]
+    NUM_DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_PER_POS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    ABORTED_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_STEPS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_RPC_LATENCY_S_FIELD_NUMBER: _ClassVar[int]
+    HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    max_model_len: int
+    vocab_size: int
+    max_batch: int
+    max_draft_tokens: int
+    running: int
+    waiting: int
+    tp: int
+    num_drafts: int
+    num_draft_tokens: int
+    num_accepted_tokens: int
+    accepted_per_pos: _containers.RepeatedScalarFieldContainer[int]
+    prompt_tokens: int
+    completion_tokens: int
+    finished: int
+    aborted: int
+    fallback_steps: int
+    draft_wait_seconds: float
+    draft_rpc_latency_s: _containers.RepeatedScalarFieldContainer[float]
+    healthy: bool
+    error: str
+    def __init__(self, model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_draft_tokens: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., tp: _Optional[int] = ..., num_drafts: _Optional[int] = ..., num_draft_tokens: _Optional[int] = ..., num_accepted_tokens: _Optional[int] = ..., accepted_per_pos: _Optional[_Iterable[int]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., finished: _Optional[int] = ..., aborted: _Optional[int] = ..., fallback_steps: _Optional[int] = ..., draft_wait_seconds: _Optional[float] = ..., draft_rpc_latency_s: _Optional[_Iterable[float]] = ..., healthy: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...

@@ -140,3 +140,118 @@ class DraftService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class TargetServiceStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Generate = channel.unary_stream(
+                '/specray.v1.TargetService/Generate',
+                request_serializer=protos_dot_specray__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=protos_dot_specray__pb2.GenerateChunk.FromString,
+                _registered_method=True)
+        self.Info = channel.unary_unary(
+                '/specray.v1.TargetService/Info',
+                request_serializer=protos_dot_specray__pb2.InfoRequest.SerializeToString,
+                response_deserializer=protos_dot_specray__pb2.TargetInfo.FromString,
+                _registered_method=True)
+
+
+class TargetServiceServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Generate(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Info(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_TargetServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Generate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=protos_dot_specray__pb2.GenerateRequest.FromString,
+                    response_serializer=protos_dot_specray__pb2.GenerateChunk.SerializeToString,
+            ),
+            'Info': grpc.unary_unary_rpc_method_handler(
+                    servicer.Info,
+                    request_deserializer=protos_dot_specray__pb2.InfoRequest.FromString,
+                    response_serializer=protos_dot_specray__pb2.TargetInfo.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'specray.v1.TargetService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('specray.v1.TargetService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class TargetService:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/specray.v1.TargetService/Generate',
+            protos_dot_specray__pb2.GenerateRequest.SerializeToString,
+            protos_dot_specray__pb2.GenerateChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Info(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/specray.v1.TargetService/Info',
+            protos_dot_specray__pb2.InfoRequest.SerializeToString,
+            protos_dot_specray__pb2.TargetInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

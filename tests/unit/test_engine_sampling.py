@@ -32,6 +32,9 @@ BATCH = 128
 MAX_MODEL_LEN = 32
 PROMPT = "The quick brown fox"
 SETTINGS = {"plain": SamplingParams(temperature=1.0), "topk_topp": SamplingParams(temperature=1.0, top_k=20, top_p=0.9)}
+# Generated tokens whose exact marginal is checked: enumerating the contexts of token 3 is cheap only when top-k
+# keeps the support small (20 x 20), not for the full 384-token vocabulary (384 x 384 forwards).
+CHECKED = {"plain": 2, "topk_topp": 3}
 
 
 # --------------------------------------------------------------------------------------------------- fixtures
@@ -99,20 +102,17 @@ def chi_square_pvalue(observed: torch.Tensor, probs: torch.Tensor) -> float:
 
 
 def reference_filter(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """[N, V] logits -> probabilities: temperature, then top-k, then top-p over what top-k left (written
-    independently of workers.verify.sampling, as plainly as possible)."""
-    probs = torch.softmax(logits.double() / params.temperature, dim=-1)
-    out = torch.zeros_like(probs)
-    for row in range(probs.shape[0]):
-        order = probs[row].argsort(descending=True)
-        if params.top_k:
-            order = order[: params.top_k]
-        p = probs[row, order] / probs[row, order].sum()
-        keep = 1
-        while keep < len(p) and float(p[:keep].sum()) < params.top_p:
-            keep += 1
-        out[row, order[:keep]] = p[:keep] / p[:keep].sum()
-    return out
+    """[N, V] logits -> probabilities: temperature, then top-k, then top-p over what top-k left, keeping the
+    smallest set of most likely tokens whose mass reaches top_p (written independently of workers.verify)."""
+    probs = torch.softmax(logits.double() / params.temperature, dim=-1)  # [N, V]
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    if params.top_k:
+        sorted_p[:, params.top_k :] = 0
+    sorted_p = sorted_p / sorted_p.sum(-1, keepdim=True)
+    before = sorted_p.cumsum(-1) - sorted_p  # mass of the more likely tokens
+    sorted_p = torch.where(before < params.top_p, sorted_p, torch.zeros_like(sorted_p))
+    sorted_p = sorted_p / sorted_p.sum(-1, keepdim=True)
+    return torch.zeros_like(probs).scatter_(1, order, sorted_p)
 
 
 @torch.no_grad()
@@ -149,15 +149,17 @@ def test_chi_square_pvalue_known_values():
 
 
 def test_reference_filter_matches_the_definition():
-    logits = torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.1]]))
+    logits = torch.log(torch.tensor([[0.1, 0.4, 0.2, 0.3]]))
     got = reference_filter(logits, SamplingParams(temperature=1.0, top_k=3, top_p=0.75))
     # top-3 -> [0.4, 0.3, 0.2] / 0.9; top-p 0.75 keeps 0.444 + 0.333 = 0.778 >= 0.75
-    torch.testing.assert_close(got, torch.tensor([[4 / 7, 3 / 7, 0.0, 0.0]], dtype=torch.float64))
+    torch.testing.assert_close(got, torch.tensor([[0.0, 4 / 7, 0.0, 3 / 7]], dtype=torch.float64))
+    got = reference_filter(logits * 2, SamplingParams(temperature=2.0))  # temperature undoes the scaling
+    torch.testing.assert_close(got, torch.tensor([[0.1, 0.4, 0.2, 0.3]], dtype=torch.float64))
 
 
 @pytest.fixture(scope="module")
 def marginals(hf_target, prompt):
-    return {name: exact_marginals(hf_target, prompt, params) for name, params in SETTINGS.items()}
+    return {name: exact_marginals(hf_target, prompt, params, CHECKED[name]) for name, params in SETTINGS.items()}
 
 
 # ------------------------------------------------------------------------------------------ distribution tests
@@ -225,7 +227,7 @@ class MisreportingDrafter(ModelDrafter):
 
 def test_negative_control_misreported_draft_distribution_fails(target, draft, prompt, marginals):
     engine = _engine(target, MisreportingDrafter(draft, max_batch=BATCH, max_model_len=MAX_MODEL_LEN))
-    tokens = _sample(engine, prompt, SETTINGS["plain"], N)
+    tokens = _sample(engine, prompt, SETTINGS["plain"], N // 3)  # the bias is gross: a third of N shows it
     pvalues = _pvalues(tokens, marginals["plain"])
     assert pvalues[0] > ALPHA, "token 1 comes from the prefill and is not affected by the drafter"
     assert min(pvalues[1:]) < ALPHA, f"a lossy verifier input went unnoticed: p-values {pvalues}"

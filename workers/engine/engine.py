@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,7 @@ from workers.drafters.base import DraftProposal, DraftRequest
 from workers.engine.draft_client import DraftClient
 from workers.engine.sequence import FinishReason, Request, Sequence
 from workers.engine.target import StepResult, TargetRunner
+from workers.models.decoder import ForwardOutput
 from workers.models.loader import LoadedModel
 
 
@@ -41,6 +43,7 @@ class SpecEngine:
         max_batch: int = 8,
         max_model_len: int | None = None,
         max_draft_tokens: int = 16,
+        forward: Callable[..., ForwardOutput] | None = None,  # runs the target forward (default: the model)
     ):
         self.target = target
         self.tokenizer = target.tokenizer
@@ -48,7 +51,7 @@ class SpecEngine:
         limit = target.model.args.max_position_embeddings
         self.max_model_len = min(max_model_len or 4096, limit)
         self.max_draft_tokens = max_draft_tokens
-        self.runner = TargetRunner(target.model, max_batch, self.max_model_len, max_draft_tokens)
+        self.runner = TargetRunner(target.model, max_batch, self.max_model_len, max_draft_tokens, forward)
         self.eos = set(target.eos_token_ids)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -95,6 +98,7 @@ class SpecEngine:
             return
         if seq in self.waiting:
             self.waiting.remove(seq)
+        self.running = [s for s in self.running if s is not seq]
         self._finish(seq, FinishReason.ABORT)
 
     @property

@@ -9,13 +9,14 @@ cached, rejected positions are forgotten.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from workers.drafters.base import DraftProposal
 from workers.engine.sequence import Sequence
-from workers.models.decoder import Decoder
+from workers.models.decoder import Decoder, ForwardOutput
 from workers.verify import verify_block
 from workers.verify.sampling import filter_logits_to_probs, sample_from_probs
 
@@ -30,8 +31,12 @@ class StepResult:
 
 
 class TargetRunner:
-    def __init__(self, model: Decoder, max_batch: int, max_model_len: int, max_draft_tokens: int = 16):
+    def __init__(self, model: Decoder, max_batch: int, max_model_len: int, max_draft_tokens: int = 16,
+                 forward: Callable[..., ForwardOutput] | None = None):
         self.model = model
+        # what runs a forward pass: the model itself, or a wrapper with its signature (a tensor-parallel leader,
+        # workers/engine/tp_group.py, which first tells its followers to run the same step)
+        self.forward = forward if forward is not None else model
         self.max_model_len = max_model_len
         self.max_draft_tokens = max_draft_tokens
         self.cache = model.new_cache(max_batch, max_model_len + max_draft_tokens + 1)
@@ -72,8 +77,8 @@ class TargetRunner:
         tokens = torch.zeros(len(seqs), T, dtype=torch.long)
         for i, s in enumerate(seqs):
             tokens[i, : lens[i]] = torch.tensor(s.request.prompt_ids)
-        out = self.model(tokens, self.cache, [s.slot for s in seqs], num_new=lens, logits="last",
-                         hidden_layers=feature_layers)
+        out = self.forward(tokens, self.cache, [s.slot for s in seqs], num_new=lens, logits="last",
+                           hidden_layers=feature_layers)
         first = self._sample(seqs, out.logits[:, 0])
         hidden = [out.hidden[i, : lens[i]] if out.hidden is not None else None for i in range(len(seqs))]
         return StepResult([[t] for t in first], [0] * len(seqs), [0] * len(seqs), [0] * len(seqs), hidden)
@@ -93,7 +98,7 @@ class TargetRunner:
                 tokens[i, 1 : nd[i] + 1] = torch.tensor(p.tokens)
         slots = [s.slot for s in seqs]
         starts = [self.cache.lengths[x] for x in slots]
-        out = self.model(tokens, self.cache, slots, num_new=[n + 1 for n in nd], hidden_layers=feature_layers)
+        out = self.forward(tokens, self.cache, slots, num_new=[n + 1 for n in nd], hidden_layers=feature_layers)
         temperature, top_k, top_p = self._params(seqs)
         draft_probs = self._draft_probs(proposals, temperature, K) if K else None
         result = verify_block(tokens[:, 1:], torch.tensor(nd), out.logits, draft_probs, temperature, top_k, top_p,

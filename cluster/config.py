@@ -1,0 +1,105 @@
+"""The serving configuration: strict at the edge (pydantic, unknown keys rejected), plain values inside.
+
+One `SpecrayConfig` describes a whole deployment: the target pool (tensor-parallel replicas of the big model), the
+draft pool (cheap replicas hosting a drafter) and the router. Each pool scales on its own: `num_replicas` or an
+`autoscaling_config`, and custom Ray resources (`target`, `draft`) that pin its replicas to the matching node
+pools of the Ray cluster (`deploy/cluster.yaml`, `deploy/kuberay/rayservice.yaml`). The builder in
+`cluster/builder.py` turns it into the Ray Serve application.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PoolScaling(_Strict):
+    num_replicas: int | None = Field(1, ge=1, description="fixed replica count (ignored with autoscaling_config)")
+    autoscaling_config: dict[str, Any] | None = Field(
+        None, description="Ray Serve autoscaling_config, e.g. {min_replicas: 1, max_replicas: 4, "
+                          "target_ongoing_requests: 8}")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per replica (per TP rank for the target pool)")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (per TP rank for the target pool)")
+    resources: dict[str, float] = Field(default_factory=dict,
+                                        description="custom Ray resources per replica, e.g. {target: 1}")
+    threads: int = Field(1, ge=1, description="torch threads inside each replica (Ray sets OMP_NUM_THREADS=1)")
+
+
+class TargetPoolConfig(PoolScaling):
+    model: str = Field("smollm2-135m", description="name, .gguf file, HF directory or cached HF id")
+    dtype: str = Field("bf16", pattern="^(fp32|bf16|fp16)$")
+    tp: int = Field(1, ge=1, le=8, description="tensor-parallel ranks per replica (gloo on CPU, NCCL on GPU)")
+    max_batch: int = Field(8, ge=1, description="sequences decoded together per replica")
+    max_model_len: int = Field(4096, ge=16)
+    num_draft_tokens: int = Field(4, ge=0, le=16, description="k: draft tokens verified per step")
+    max_draft_wait_ms: float = Field(50.0, ge=0, description="longest a step waits for a missing draft block")
+    resources: dict[str, float] = Field(default_factory=lambda: {"target": 0.001})
+
+
+class DraftPoolConfig(PoolScaling):
+    drafter: str = Field("ngram", description="none | ngram[:N] | model:PATH | KIND:PATH")
+    dtype: str = Field("fp32", pattern="^(fp32|bf16|fp16)$")
+    max_sequences: int = Field(256, ge=1)
+    ahead_blocks: int = Field(2, ge=1, le=8, description="blocks drafted past the last verdict (1 = no run-ahead)")
+    num_cpus: float = Field(0.5, gt=0)
+    resources: dict[str, float] = Field(default_factory=lambda: {"draft": 0.001})
+
+
+class RouterConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    route_prefix: str = "/"
+    api_key: str | None = Field(None, description="required as 'Authorization: Bearer KEY' when set")
+    num_replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(0.25, gt=0)
+    model_name: str | None = Field(None, description="name served at /v1/models (default: the target model)")
+
+
+class SpecrayConfig(_Strict):
+    name: str = "specray"
+    advertise_host: str = Field(
+        "127.0.0.1", description="address workers publish for their gRPC servers: 127.0.0.1 on one machine, "
+                                 "'auto' (the Ray node IP) on a multi-node cluster")
+    target: TargetPoolConfig = Field(default_factory=TargetPoolConfig)
+    draft: DraftPoolConfig = Field(default_factory=DraftPoolConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not v or not v.replace("-", "").replace("_", "").isalnum():
+            raise ValueError("name must be alphanumeric (dashes and underscores allowed)")
+        return v
+
+    @property
+    def served_model_name(self) -> str:
+        return self.router.model_name or self.target.model
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> SpecrayConfig:
+    """Read a YAML/JSON config file (or defaults) and apply dotted overrides like {"target.tp": 2}."""
+    import yaml
+
+    data: dict[str, Any] = {}
+    if path:
+        text = Path(path).read_text()
+        data = yaml.safe_load(text) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: the config must be a mapping")
+        if "specray" in data and isinstance(data["specray"], dict):
+            data = data["specray"]
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return SpecrayConfig.model_validate(data)

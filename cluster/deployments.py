@@ -1,0 +1,140 @@
+"""The three Ray Serve deployments of a specray application: draft pool, target pool, router.
+
+Pool replicas are hosts for gRPC servers: a draft replica runs a `DraftWorker` (workers/servers/draft_server.py),
+a target replica runs the speculative engine behind a `TargetWorker` (workers/servers/target_server.py); both
+register their address in the registry so that targets and the router can find them. Serve handles are used only
+for lifecycle and health: tokens travel over gRPC (a Serve handle call costs milliseconds; a message on an open
+gRPC stream a fraction of one).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+
+from ray import serve
+
+from cluster.config import SpecrayConfig
+from cluster.registry import Registration, lister
+
+log = logging.getLogger(__name__)
+
+
+def _hosts(cfg: SpecrayConfig) -> tuple[str, str]:
+    """(bind host, advertised host) for a replica's gRPC server."""
+    if cfg.advertise_host == "auto":
+        import ray
+
+        return "0.0.0.0", ray.util.get_node_ip_address()
+    return ("127.0.0.1" if cfg.advertise_host in ("127.0.0.1", "localhost") else "0.0.0.0"), cfg.advertise_host
+
+
+def _replica_id(kind: str) -> str:
+    try:
+        return f"{kind}-{serve.get_replica_context().replica_id.unique_id}"
+    except Exception:
+        return f"{kind}-{uuid.uuid4().hex[:8]}"
+
+
+class DraftPool:
+    def __init__(self, config: dict):
+        import torch
+
+        from workers.drafters.registry import build_drafter, parse_draft_spec
+        from workers.models.loader import load_model
+        from workers.servers.draft_server import serve_draft
+
+        cfg = SpecrayConfig.model_validate(config)
+        d = cfg.draft
+        torch.set_num_threads(d.threads)  # Ray sets OMP_NUM_THREADS=1; be explicit
+        kind, _ = parse_draft_spec(d.drafter)
+        target = load_model(cfg.target.model, d.dtype) if kind not in ("none", "ngram") else None
+        drafter = build_drafter(d.drafter, target, dtype=d.dtype, max_batch=d.max_sequences,
+                                max_model_len=cfg.target.max_model_len)
+        if drafter is None:
+            raise ValueError("the draft pool needs a drafter (draft.drafter: none makes no sense here)")
+        bind, advertise = _hosts(cfg)
+        self.server, self.worker, port = serve_draft(drafter, d.drafter, host=bind, port=0,
+                                                     max_sequences=d.max_sequences, ahead_blocks=d.ahead_blocks)
+        self.address = f"{advertise}:{port}"
+        self.registration = Registration(cfg.name, "draft", _replica_id("draft"), self.address)
+        log.info("draft replica %s serving %s", self.address, d.drafter)
+
+    def address_(self) -> str:
+        return self.address
+
+    async def check_health(self) -> None:
+        if not self.worker.thread.is_alive():
+            raise RuntimeError("the drafting thread died")
+
+    def __del__(self):
+        try:
+            self.registration.close()
+            self.worker.stop()
+            self.server.stop(1)
+        except Exception:
+            pass
+
+
+class TargetPool:
+    def __init__(self, config: dict):
+        import torch
+
+        from workers.engine.async_engine import AsyncEngine
+        from workers.engine.engine import SpecEngine
+        from workers.engine.multi_draft import MultiDraftClient
+        from workers.models.loader import load_model
+        from workers.servers.target_server import TargetServer, TargetWorker
+
+        cfg = SpecrayConfig.model_validate(config)
+        t = cfg.target
+        torch.set_num_threads(t.threads)
+        if t.tp > 1:
+            raise ValueError("tensor parallelism inside Serve replicas arrives with workers/engine/tp_group.py")
+        lm = load_model(t.model, t.dtype)
+        self.drafts = MultiDraftClient(k=t.num_draft_tokens, max_wait_s=t.max_draft_wait_ms / 1e3)
+        engine = SpecEngine(lm, self.drafts, max_batch=t.max_batch, max_model_len=t.max_model_len)
+        self.engine = AsyncEngine(engine)
+        bind, advertise = _hosts(cfg)
+        self.server = TargetServer(TargetWorker(self.engine, self.drafts, cfg.served_model_name, t.tp), bind, 0)
+        self.address = f"{advertise}:{self.server.port}"
+        self.registration = Registration(cfg.name, "target", _replica_id("target"), self.address)
+        log.info("target replica %s serving %s (%s, tp=%d)", self.address, t.model, t.dtype, t.tp)
+
+    def address_(self) -> str:
+        return self.address
+
+    async def check_health(self) -> None:
+        self.engine.check_health()
+
+    def __del__(self):
+        try:
+            self.registration.close()
+            self.server.stop(1)
+            self.engine.shutdown()
+            self.drafts.close()
+        except Exception:
+            pass
+
+
+class Router:
+    """The HTTP ingress: OpenAI-compatible API over the target pool (router/api.py)."""
+
+    def __init__(self, config: dict, target_pool=None, draft_pool=None):
+        from transformers import AutoTokenizer
+
+        from router.api import build_app
+        from router.target_pool import TargetPoolClient
+        from workers.models.loader import resolve
+
+        cfg = SpecrayConfig.model_validate(config)
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        tokenizer = AutoTokenizer.from_pretrained(resolve(cfg.target.model))
+        self.pool = TargetPoolClient(lister(cfg.name, "target"), lister(cfg.name, "draft"))
+        self._asgi = build_app(self.pool, cfg.served_model_name, tokenizer, cfg.router.api_key,
+                             max_model_len=cfg.target.max_model_len,
+                             default_num_draft_tokens=cfg.target.num_draft_tokens)
+
+    def __serve_build_asgi_app__(self):
+        return self._asgi

@@ -70,14 +70,23 @@ def build_parser() -> argparse.ArgumentParser:
     off.add_argument("--records", help="also write one JSONL record per (mode, prompt)")
     off.add_argument("--json", dest="json_out", required=True)
 
-    s = sub.add_parser("serve", help="serve the OpenAI-compatible API on 127.0.0.1")
-    _add_model_args(s)
-    s.add_argument("--draft", default="ngram")
-    s.add_argument("--k", type=int, default=4)
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--max-batch", type=int, default=8)
+    s = sub.add_parser("serve", help="serve the OpenAI-compatible API: router, target pool and draft pool on a "
+                                     "local Ray (the embedded default)")
+    s.add_argument("--config", help="YAML config (SpecrayConfig; deploy/serve.yaml's args also work)")
+    s.add_argument("--target", default=None, help="target model (default: smollm2-135m)")
+    s.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"])
+    s.add_argument("--draft", default=None, help="drafter of the draft pool (default: ngram)")
+    s.add_argument("--k", type=int, default=None, help="draft tokens verified per step")
+    s.add_argument("--tp", type=int, default=None, help="tensor-parallel ranks per target replica")
+    s.add_argument("--target-replicas", type=int, default=None)
+    s.add_argument("--draft-replicas", type=int, default=None)
+    s.add_argument("--host", default=None)
+    s.add_argument("--port", type=int, default=None)
     s.add_argument("--api-key", default=os.environ.get("SPECRAY_API_KEY"))
+    s.add_argument("--threads", type=int, default=None, help="torch threads per target rank")
+    s.add_argument("--max-batch", type=int, default=None)
+    s.add_argument("--in-process", action="store_true",
+                   help="no Ray: one process runs the router, the engine and the drafter")
     return parser
 
 
@@ -151,10 +160,27 @@ def cmd_bench_offline(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from cluster.local_serve import serve_in_process
+    from cluster.config import load_config
 
-    serve_in_process(target=args.target, draft=args.draft, k=args.k, dtype=args.dtype, host=args.host,
-                     port=args.port, max_batch=args.max_batch, api_key=args.api_key, threads=args.threads)
+    cfg = load_config(args.config, {
+        "target.model": args.target, "target.dtype": args.dtype, "draft.drafter": args.draft,
+        "target.num_draft_tokens": args.k, "target.tp": args.tp, "target.num_replicas": args.target_replicas,
+        "draft.num_replicas": args.draft_replicas, "router.host": args.host, "router.port": args.port,
+        "router.api_key": args.api_key, "target.threads": args.threads, "target.max_batch": args.max_batch,
+    })
+    if args.in_process:
+        from cluster.local_serve import serve_in_process
+
+        t = cfg.target
+        serve_in_process(target=t.model, draft=cfg.draft.drafter, k=t.num_draft_tokens, dtype=t.dtype,
+                         host=cfg.router.host, port=cfg.router.port, max_batch=t.max_batch,
+                         api_key=cfg.router.api_key, threads=t.threads)
+        return 0
+    from cluster.launch import serve_forever
+    from workers.models.loader import resolve
+
+    resolve(cfg.target.model)  # fail fast with a clear message, and convert a GGUF once before Ray starts
+    serve_forever(cfg)
     return 0
 
 
@@ -163,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="[specray] %(levelname)s %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from pydantic import ValidationError
+
     from workers.models.loader import ModelNotFound
 
     handlers = {"generate": cmd_generate, "serve": cmd_serve}
@@ -170,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             return cmd_bench_offline(args)
         return handlers[args.command](args)
-    except (ModelNotFound, ValueError, FileNotFoundError) as e:
+    except (ModelNotFound, ValueError, FileNotFoundError, ValidationError) as e:
         print(f"specray: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

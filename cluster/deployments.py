@@ -64,6 +64,11 @@ class DraftPool:
     def address_(self) -> str:
         return self.address
 
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     async def check_health(self) -> None:
         if not self.worker.thread.is_alive():
             raise RuntimeError("the drafting thread died")
@@ -104,6 +109,11 @@ class TargetPool:
 
     def address_(self) -> str:
         return self.address
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
 
     async def check_health(self) -> None:
         self.engine.check_health()

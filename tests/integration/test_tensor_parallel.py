@@ -100,10 +100,14 @@ def test_shards_reassemble_the_unsplit_layers(uneven_llama):
                                        getattr(layer.self_attn, name).weight, atol=0, rtol=0)
         torch.testing.assert_close(torch.cat([m.gate_proj.weight for m in mlp]), layer.mlp.gate_proj.weight)
         # row-parallel: each rank's partial product over its input slice; the all-reduce would sum them
-        x = torch.randn(2, 3, 6 * 16)  # [B, T, n_heads * hd]
-        starts = [0, 2 * 16]
-        partial = sum(F.linear(x[..., s: s + a.o_proj.in_features], a.o_proj.weight) for s, a in zip(starts, attn))
+        hd = full.args.head_dim
+        x = torch.randn(2, 3, full.args.num_heads * hd)  # [B, T, n_heads * hd]
+        partial = sum(F.linear(x[..., m.tp.heads[0] * hd: m.tp.heads[1] * hd], a.o_proj.weight)
+                      for m, a in zip(shards, attn))
         torch.testing.assert_close(partial, layer.self_attn.o_proj(x), atol=1e-5, rtol=1e-5)
+        h = torch.randn(2, 3, full.args.intermediate_size)  # [B, T, ffn]
+        partial = sum(F.linear(h[..., m.tp.ffn[0]: m.tp.ffn[1]], b.down_proj.weight) for m, b in zip(shards, mlp))
+        torch.testing.assert_close(partial, layer.mlp.down_proj(h), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="already applied"):
         apply_tensor_parallel(shards[0], 0, WORLD)
 
@@ -151,6 +155,28 @@ def _spawn_world(fn, *args) -> None:
             if p.is_alive():
                 p.kill()
             p.join(10)
+
+
+# ------------------------------------------------------------------------------- one world for both checks
+
+
+def _world_rank(rank: int, world: int, dirs: dict[str, str], out: str) -> None:
+    """Everything a rank does: the parity scenarios (one leader per model), then a SpecEngine run. Each job ends
+    with the leader's SHUTDOWN, so the same process group carries several leaders in turn."""
+    _parity_rank(rank, world, dirs, out)
+    _engine_rank(rank, world, dirs["llama"], out)
+
+
+@pytest.fixture(scope="module")
+def tp_world(tiny_models, uneven_llama, tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """Spawn the TP=2 world once (process start-up and imports dominate its cost) and return its output files."""
+    dirs = {name: str(tiny_models[name]) for name in ("llama", "qwen2", "qwen3", "gemma3")}
+    dirs["uneven"] = str(uneven_llama)
+    out = tmp_path_factory.mktemp("tp-world")
+    t = time.perf_counter()
+    _spawn_world(_world_rank, dirs, str(out))
+    print(f"TP=2 world: {time.perf_counter() - t:.1f}s")
+    return out, dirs
 
 
 # --------------------------------------------------------------------------------------- logits parity
@@ -206,17 +232,13 @@ def _parity_rank(rank: int, world: int, dirs: dict[str, str], out: str) -> None:
         torch.save(record, Path(out) / f"{name}-{rank}.pt")
 
 
-def test_tp2_logits_equal_tp1(tiny_models, uneven_llama, tmp_path):
-    dirs = {name: str(tiny_models[name]) for name in ("llama", "qwen2", "qwen3", "gemma3")}
-    dirs["uneven"] = str(uneven_llama)
-    t = time.perf_counter()
-    _spawn_world(_parity_rank, dirs, str(tmp_path))
-    print(f"TP=2 parity world: {time.perf_counter() - t:.1f}s")
+def test_tp2_logits_equal_tp1(tp_world):
+    out, dirs = tp_world
     for name, path in dirs.items():
         model = load_model(path).model
         cache = model.new_cache(NUM_SLOTS, CAPACITY)
         ref = _scenario(model, cache, model.args.vocab_size)
-        lead, follow = (torch.load(tmp_path / f"{name}-{r}.pt") for r in range(WORLD))
+        lead, follow = (torch.load(out / f"{name}-{r}.pt") for r in range(WORLD))
         assert len(lead["outs"]) == len(ref)
         for i, (got, want) in enumerate(zip(lead["outs"], ref)):
             torch.testing.assert_close(got, want, atol=1e-4, rtol=0, msg=lambda m: f"{name} output {i}: {m}")
@@ -259,15 +281,13 @@ def _engine_rank(rank: int, world: int, path: str, out: str) -> None:
     (Path(out) / f"engine-{rank}.json").write_text(json.dumps(result))
 
 
-def test_spec_engine_greedy_tp2_is_token_identical_to_tp1(tiny_llama, tmp_path):
-    loaded = load_model(str(tiny_llama))
+def test_spec_engine_greedy_tp2_is_token_identical_to_tp1(tp_world):
+    out, dirs = tp_world
+    loaded = load_model(dirs["llama"])
     ref = _summary(_engine(loaded).run(_requests(loaded.tokenizer)))
     drafted, accepted = sum(s["drafted"] for s in ref), sum(s["accepted"] for s in ref)
     assert 0 < accepted < drafted  # drafts both kept and rejected: the run exercises rollbacks
-    t = time.perf_counter()
-    _spawn_world(_engine_rank, str(tiny_llama), str(tmp_path))
-    print(f"TP=2 SpecEngine world: {time.perf_counter() - t:.1f}s")
-    lead, follow = (json.loads((tmp_path / f"engine-{r}.json").read_text()) for r in range(WORLD))
+    lead, follow = (json.loads((out / f"engine-{r}.json").read_text()) for r in range(WORLD))
     assert lead["seqs"] == ref
     assert follow["counts"] == {"forward": lead["steps"], "sync_lengths": 0}
     assert lead["steps"] > len(PROMPTS)

@@ -70,6 +70,34 @@ def build_parser() -> argparse.ArgumentParser:
     off.add_argument("--records", help="also write one JSONL record per (mode, prompt)")
     off.add_argument("--json", dest="json_out", required=True)
 
+    sv = bsub.add_parser("serve", help="closed-loop concurrency sweep against an OpenAI-compatible endpoint")
+    sv.add_argument("--url", required=True, help="base URL, e.g. http://127.0.0.1:8000")
+    sv.add_argument("--prompts", required=True)
+    sv.add_argument("--concurrency", default="1,2,4,8")
+    sv.add_argument("--max-tokens", type=int, default=128)
+    sv.add_argument("--requests-per-level", type=int, default=None)
+    sv.add_argument("--chat", action="store_true")
+    sv.add_argument("--model", default=None)
+    sv.add_argument("--api-key", default=os.environ.get("SPECRAY_API_KEY"))
+    sv.add_argument("--slo", type=float, default=None, help="per-user tokens/s target for throughput_at_slo")
+    sv.add_argument("--records", help="one JSONL row per request")
+    sv.add_argument("--json", dest="json_out", required=True)
+
+    dg = bsub.add_parser("disagg", help="in-process vs disaggregated (with and without run-ahead), one run")
+    dg.add_argument("--target", default=DEFAULT_TARGET)
+    dg.add_argument("--draft", default="ngram")
+    dg.add_argument("--k", type=int, default=4)
+    dg.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
+    dg.add_argument("--threads", type=int, default=1, help="torch threads of the target in every setup")
+    dg.add_argument("--prompts", required=True)
+    dg.add_argument("--limit", type=int, default=None)
+    dg.add_argument("--concurrency", default="1,2,4,8")
+    dg.add_argument("--requests-per-level", type=int, default=None)
+    dg.add_argument("--max-tokens", type=int, default=128)
+    dg.add_argument("--no-chat", action="store_true")
+    dg.add_argument("--setups", default="in_process,disagg_no_runahead,disagg_runahead")
+    dg.add_argument("--json", dest="json_out", required=True)
+
     s = sub.add_parser("serve", help="serve the OpenAI-compatible API: router, target pool and draft pool on a "
                                      "local Ray (the embedded default)")
     s.add_argument("--config", help="YAML config (SpecrayConfig; deploy/serve.yaml's args also work)")
@@ -159,6 +187,41 @@ def cmd_bench_offline(args) -> int:
     return 0
 
 
+def cmd_bench_serve(args) -> int:
+    from bench.prompts import load_prompts
+    from bench.serve import run_serve_bench
+
+    result = run_serve_bench(args.url, load_prompts(args.prompts), _int_list(args.concurrency), args.max_tokens,
+                             chat=args.chat, api_key=args.api_key, requests_per_level=args.requests_per_level,
+                             model=args.model, slo_tokens_per_s=args.slo, records=args.records)
+    return _emit(result, args.json_out)
+
+
+def cmd_bench_disagg(args) -> int:
+    from bench.disagg import run_comparison
+    from bench.prompts import load_prompts
+
+    result = run_comparison(args.target, args.draft, load_prompts(args.prompts)[: args.limit],
+                            _int_list(args.concurrency), args.max_tokens, k=args.k, dtype=args.dtype,
+                            chat=not args.no_chat, threads=args.threads, requests_per_level=args.requests_per_level,
+                            setups=tuple(x for x in args.setups.split(",") if x))
+    return _emit(result, args.json_out)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x]
+    except ValueError:
+        raise ValueError(f"expected a comma list of integers, got {text!r}") from None
+
+
+def _emit(result: dict, path: str) -> int:
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def cmd_serve(args) -> int:
     from cluster.config import load_config
 
@@ -196,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"generate": cmd_generate, "serve": cmd_serve}
     try:
         if args.command == "bench":
-            return cmd_bench_offline(args)
+            return {"offline": cmd_bench_offline, "serve": cmd_bench_serve, "disagg": cmd_bench_disagg}[args.bench](args)
         return handlers[args.command](args)
     except (ModelNotFound, ValueError, FileNotFoundError, ValidationError) as e:
         print(f"specray: error: {e}", file=sys.stderr)

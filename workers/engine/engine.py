@@ -168,7 +168,7 @@ class SpecEngine:
                     break
             if seq.first_token_s is None:
                 seq.first_token_s = now
-            if seq.request.stop and seq.finish_reason is None:
+            if seq.request.stop:  # also when EOS or max_tokens ended the step: a stop string may come first
                 self._check_stop_strings(seq, start)
             new = seq.output_ids[start:]
             if seq.finished:

@@ -82,6 +82,56 @@ class DraftPool:
             pass
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class TPFollower:
+    """Ranks 1.. of a target replica's TP group: a Ray actor placed in the replica's own placement group (the
+    STRICT_PACK bundles of `cluster/builder.py`), so every rank is on the replica's node."""
+
+    def run(self, config: dict, rank: int, world: int, port: int) -> dict:
+        import torch
+
+        from workers.engine.tp_group import follower_loop, init_process_group
+        from workers.models.loader import load_model
+        from workers.models.tp import apply_tensor_parallel
+
+        cfg = SpecrayConfig.model_validate(config)
+        torch.set_num_threads(cfg.target.threads)
+        lm = load_model(cfg.target.model, cfg.target.dtype)
+        init_process_group(rank, world, "127.0.0.1", port)
+        apply_tensor_parallel(lm.model, rank, world)
+        try:
+            return follower_loop(lm.model)
+        finally:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _start_followers(config: dict, world: int, threads: int) -> tuple[list, int]:
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    pg = ray.util.get_current_placement_group()
+    if pg is None:
+        raise RuntimeError("tp > 1 needs the replica's placement group (cluster/builder.py sets it)")
+    port = _free_port()
+    actor = ray.remote(TPFollower)
+    refs = []
+    for rank in range(1, world):
+        follower = actor.options(
+            num_cpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
+            runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}}).remote()
+        refs.append((follower, follower.run.remote(config, rank, world, port)))
+    return refs, port
+
+
 class TargetPool:
     def __init__(self, config: dict):
         import torch
@@ -95,11 +145,20 @@ class TargetPool:
         cfg = SpecrayConfig.model_validate(config)
         t = cfg.target
         torch.set_num_threads(t.threads)
-        if t.tp > 1:
-            raise ValueError("tensor parallelism inside Serve replicas arrives with workers/engine/tp_group.py")
         lm = load_model(t.model, t.dtype)
+        self.leader = None
+        self.followers: list = []
+        if t.tp > 1:  # this replica is rank 0 of its TP group; ranks 1.. follow the step plans it broadcasts
+            from workers.engine.tp_group import TPLeader, init_process_group
+            from workers.models.tp import apply_tensor_parallel
+
+            self.followers, port = _start_followers(config, t.tp, t.threads)
+            init_process_group(0, t.tp, "127.0.0.1", port)
+            apply_tensor_parallel(lm.model, 0, t.tp)
+            self.leader = TPLeader(lm.model)
         self.drafts = MultiDraftClient(k=t.num_draft_tokens, max_wait_s=t.max_draft_wait_ms / 1e3)
-        engine = SpecEngine(lm, self.drafts, max_batch=t.max_batch, max_model_len=t.max_model_len)
+        engine = SpecEngine(lm, self.drafts, max_batch=t.max_batch, max_model_len=t.max_model_len,
+                            forward=self.leader)
         self.engine = AsyncEngine(engine)
         bind, advertise = _hosts(cfg)
         self.server = TargetServer(TargetWorker(self.engine, self.drafts, cfg.served_model_name, t.tp), bind, 0)
@@ -124,6 +183,8 @@ class TargetPool:
             self.server.stop(1)
             self.engine.shutdown()
             self.drafts.close()
+            if self.leader is not None:
+                self.leader.shutdown()
         except Exception:
             pass
 

@@ -30,7 +30,7 @@ def start_local_ray(num_cpus: float | None = None, object_store_mb: int = 256) -
     if ray.is_initialized():
         return
     cwd = os.getcwd()
-    ray.init(num_cpus=num_cpus or os.cpu_count(), resources={"target": 1, "draft": 1}, include_dashboard=False,
+    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), resources={"target": 1, "draft": 1}, include_dashboard=False,
              object_store_memory=object_store_mb << 20, namespace="specray", log_to_driver=True,
              runtime_env={"env_vars": {**RAY_ENV, "PYTHONPATH": cwd + os.pathsep + os.environ.get("PYTHONPATH", "")}})
 
@@ -53,7 +53,7 @@ def deploy(cfg: SpecrayConfig, blocking_timeout_s: float = 600.0) -> str:
         time.sleep(0.5)
     else:
         raise TimeoutError(f"the application did not become ready within {blocking_timeout_s:.0f}s")
-    return f"http://{cfg.router.host}:{cfg.router.port}"
+    return f"http://{cfg.router.host}:{cfg.router.port}{cfg.router.route_prefix.rstrip('/')}"
 
 
 def shutdown() -> None:

@@ -198,3 +198,30 @@ def test_killing_the_draft_replica_mid_stream_keeps_output_identical(cluster, ti
     from transformers import AutoTokenizer
 
     assert text == AutoTokenizer.from_pretrained(tiny_llama).decode(ref, skip_special_tokens=True)
+
+
+def test_tp2_target_replica_over_http_matches_in_process(cluster, tiny_llama):
+    """A second application whose target replica is a TP=2 group (rank 0 = the Serve replica, rank 1 an actor in
+    its placement group, gloo): greedy output over HTTP equals in-process target-only output."""
+    from cluster import launch
+    from ray import serve
+
+    port = 18431  # the module's Serve proxy; this app lives under its own route prefix
+    cfg = load_config(None, {
+        "router.route_prefix": "/tp",
+        "name": "itesttp", "target.model": str(tiny_llama), "target.dtype": "fp32", "target.num_cpus": 0.25,
+        "target.tp": 2, "target.num_draft_tokens": K, "target.max_model_len": 1024, "draft.drafter": "ngram",
+        "draft.num_cpus": 0.1, "router.port": port, "router.num_cpus": 0.1,
+    })
+    url = launch.deploy(cfg, blocking_timeout_s=300)
+    try:
+        for p in ["The quick brown fox", "1 + 1 = 2, 2 +"]:
+            r = _complete(url, p, 30, model=cfg.served_model_name, ignore_eos=True)
+            assert r.status_code == 200, r.text
+            from transformers import AutoTokenizer
+
+            ref = _reference(tiny_llama, p, 30)
+            assert r.json()["choices"][0]["text"] == AutoTokenizer.from_pretrained(tiny_llama).decode(
+                ref, skip_special_tokens=True)
+    finally:
+        serve.delete(cfg.name)

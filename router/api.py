@@ -184,6 +184,23 @@ class _EngineCollector:
         for i, v in enumerate(s.get("accepted_per_pos", [])):
             per_pos.add_metric([self.model_name, str(i)], v)
         yield per_pos
+        for name, key, doc in (
+            ("specray:fallback_steps", "fallback_steps",
+             "Sequence-steps verified without draft tokens although k > 0 (draft slow, dead or out of ideas)."),
+            ("specray:target_draft_wait_seconds", "draft_wait_seconds",
+             "Target idle time waiting for draft tokens. rate() of it / rate(step time) = share of time idle."),
+        ):
+            c = CounterMetricFamily(name, doc, labels=["model_name"])
+            c.add_metric(m, s.get(key, 0))
+            yield c
+        lat = sorted(s.get("draft_rpc_latency_s") or [])
+        if lat:
+            g = GaugeMetricFamily("specray:draft_rpc_latency_seconds",
+                                  "Verdict sent -> next draft block received, recent sample quantiles.",
+                                  labels=["model_name", "quantile"])
+            for q in (0.5, 0.9, 0.99):
+                g.add_metric([self.model_name, str(q)], lat[min(len(lat) - 1, int(q * (len(lat) - 1)))])
+            yield g
         for name, key, doc in (("vllm:num_requests_running", "running", "Sequences in the running batch."),
                                ("vllm:num_requests_waiting", "waiting", "Sequences waiting for a slot.")):
             g = GaugeMetricFamily(name, doc, labels=["model_name"])

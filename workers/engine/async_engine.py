@@ -263,6 +263,7 @@ class AsyncEngine:
             for name in _COUNTERS:
                 out[name] += getattr(s, name)
             out["accepted_per_pos"] = _add_lists(out["accepted_per_pos"], s.accepted_per_pos)
+        out["fallback_steps"] = self.engine.fallback_steps
         out["running"] = len(self.engine.running)
         out["waiting"] = len(self.engine.waiting)
         return out

@@ -106,7 +106,7 @@ def run_comparison(target: str, drafter: str, prompts: list[dict], concurrency: 
                     "name": app, "target.model": target, "target.dtype": dtype, "target.threads": threads,
                     "target.num_draft_tokens": k, "draft.drafter": drafter, "draft.dtype": dtype,
                     "draft.threads": 1, "draft.ahead_blocks": 2 if name == "disagg_runahead" else 1,
-                    "router.port": port + 1 + i, "target.num_cpus": 1.0, "draft.num_cpus": 0.5,
+                    "router.port": port + 1, "target.num_cpus": 1.0, "draft.num_cpus": 0.5,
                 })
                 url = launch.deploy(cfg, blocking_timeout_s=600)
                 _wait_http(url, 120)

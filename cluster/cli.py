@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     dg.add_argument("--setups", default="in_process,disagg_no_runahead,disagg_runahead")
     dg.add_argument("--json", dest="json_out", required=True)
 
+    rt = bsub.add_parser("draft-rtt", help="draft <-> target round trip per step on loopback (ngram, no models)")
+    rt.add_argument("--steps", type=int, default=300)
+    rt.add_argument("--json", dest="json_out", required=True)
+
     s = sub.add_parser("serve", help="serve the OpenAI-compatible API: router, target pool and draft pool on a "
                                      "local Ray (the embedded default)")
     s.add_argument("--config", help="YAML config (SpecrayConfig; deploy/serve.yaml's args also work)")
@@ -208,6 +212,12 @@ def cmd_bench_disagg(args) -> int:
     return _emit(result, args.json_out)
 
 
+def cmd_bench_draft_rtt(args) -> int:
+    from bench.draft_rtt import run_draft_rtt
+
+    return _emit(run_draft_rtt(args.steps), args.json_out)
+
+
 def _int_list(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x]
@@ -259,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"generate": cmd_generate, "serve": cmd_serve}
     try:
         if args.command == "bench":
-            return {"offline": cmd_bench_offline, "serve": cmd_bench_serve, "disagg": cmd_bench_disagg}[args.bench](args)
+            return {"offline": cmd_bench_offline, "serve": cmd_bench_serve, "disagg": cmd_bench_disagg,
+                    "draft-rtt": cmd_bench_draft_rtt}[args.bench](args)
         return handlers[args.command](args)
     except (ModelNotFound, ValueError, FileNotFoundError, ValidationError) as e:
         print(f"specray: error: {e}", file=sys.stderr)

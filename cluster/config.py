@@ -45,7 +45,9 @@ class TargetPoolConfig(PoolScaling):
 class DraftPoolConfig(PoolScaling):
     drafter: str = Field("ngram", description="none | ngram[:N] | model:PATH | KIND:PATH")
     dtype: str = Field("fp32", pattern="^(fp32|bf16|fp16)$")
-    max_sequences: int = Field(256, ge=1)
+    max_sequences: int = Field(256, ge=1, description="sequences one draft replica serves at once")
+    max_model_sequences: int = Field(16, ge=1, description="cap for drafters with a KV cache (model, learned): "
+                                                           "each sequence holds a preallocated KV slot")
     ahead_blocks: int = Field(2, ge=1, le=8, description="blocks drafted past the last verdict (1 = no run-ahead)")
     num_cpus: float = Field(0.5, gt=0)
     resources: dict[str, float] = Field(default_factory=lambda: {"draft": 0.001})

@@ -50,13 +50,16 @@ class DraftPool:
         torch.set_num_threads(d.threads)  # Ray sets OMP_NUM_THREADS=1; be explicit
         kind, _ = parse_draft_spec(d.drafter)
         target = load_model(cfg.target.model, d.dtype) if kind not in ("none", "ngram") else None
-        drafter = build_drafter(d.drafter, target, dtype=d.dtype, max_batch=d.max_sequences,
+        # a model drafter preallocates a KV slot per sequence: cap it (sequences past the cap are refused by the
+        # worker and decode without drafts), model-free drafters hold no per-sequence memory worth capping
+        max_sequences = d.max_sequences if kind in ("ngram",) else min(d.max_sequences, d.max_model_sequences)
+        drafter = build_drafter(d.drafter, target, dtype=d.dtype, max_batch=max_sequences,
                                 max_model_len=cfg.target.max_model_len)
         if drafter is None:
             raise ValueError("the draft pool needs a drafter (draft.drafter: none makes no sense here)")
         bind, advertise = _hosts(cfg)
         self.server, self.worker, port = serve_draft(drafter, d.drafter, host=bind, port=0,
-                                                     max_sequences=d.max_sequences, ahead_blocks=d.ahead_blocks)
+                                                     max_sequences=max_sequences, ahead_blocks=d.ahead_blocks)
         self.address = f"{advertise}:{port}"
         self.registration = Registration(cfg.name, "draft", _replica_id("draft"), self.address)
         log.info("draft replica %s serving %s", self.address, d.drafter)

@@ -46,10 +46,12 @@ class _SeqState:
 
 class RemoteDraftClient(DraftClient):
     def __init__(self, address: str, k: int = 4, max_wait_s: float = 0.05, feature_layers: tuple[int, ...] = (),
-                 connect_timeout_s: float = 10.0):
+                 connect_timeout_s: float = 10.0, max_wait_cap_s: float = 1.0):
         self.address = address
         self.default_k = k
         self.max_wait_s = max_wait_s
+        self.max_wait_cap_s = max(max_wait_cap_s, max_wait_s)
+        self.latency_ema: float | None = None  # verdict -> next block, seconds
         self.feature_layers = tuple(feature_layers)
         self.cv = threading.Condition()
         self.seqs: dict[str, _SeqState] = {}
@@ -139,7 +141,12 @@ class RemoteDraftClient(DraftClient):
 
     def drafts(self, requests: list[DraftRequest]) -> list[DraftProposal]:
         t0 = time.perf_counter()
-        deadline = t0 + self.max_wait_s
+        # Wait at least max_wait_s, and as long as a block usually takes (up to max_wait_cap_s): a draft slower than
+        # a plain target step would otherwise never be waited for, and every step would fall back to k = 0.
+        # Until the first block has been timed, wait up to the cap: one slow first step, then the estimate.
+        wait = self.max_wait_cap_s if self.latency_ema is None else min(
+            self.max_wait_cap_s, max(self.max_wait_s, 1.25 * self.latency_ema))
+        deadline = t0 + wait
         with self.cv:
             while True:
                 pending = [r for r in requests if self._waiting_for(r)]
@@ -212,8 +219,10 @@ class RemoteDraftClient(DraftClient):
             if st is None or b.epoch != st.epoch or st.started != self.generation:
                 return  # finished, or drafted on a context the target has since contradicted
             if st.sent_at:
+                lat = time.perf_counter() - st.sent_at
                 if len(self.rpc_latencies) < 100_000:
-                    self.rpc_latencies.append(time.perf_counter() - st.sent_at)
+                    self.rpc_latencies.append(lat)
+                self.latency_ema = lat if self.latency_ema is None else 0.9 * self.latency_ema + 0.1 * lat
                 st.sent_at = 0.0
             probs = tensor_from_proto(b.probs) if b.HasField("probs") else None
             if not b.tokens:

@@ -207,13 +207,22 @@ class DraftWorker(pb_grpc.DraftServiceServicer):
             now = time.time()
             with self.cv:
                 for (st, epoch, ncommitted, ctx), prop in zip(snapshot, proposals):
-                    if self.seqs.get(st.seq_id) is not st or st.epoch != epoch or len(st.committed) != ncommitted:
-                        continue  # a verdict arrived while drafting: this block was drafted on a stale context
+                    if self.seqs.get(st.seq_id) is not st:
+                        continue  # finished meanwhile
                     tokens = list(prop.tokens) if prop is not None else []
-                    block = pb.DraftBlock(seq_id=st.seq_id, epoch=epoch, start=len(ctx), tokens=tokens,
+                    probs = prop.probs if prop is not None else None
+                    start = len(ctx)
+                    if st.epoch != epoch:
+                        # Verdicts arrived while drafting and contradicted our assumptions. A draft slower than the
+                        # target's own steps would never catch up if it threw such blocks away: keep the part that
+                        # continues what the target has committed since, if the target's tokens agree with ours.
+                        start, tokens, probs = _salvage(ctx, tokens, probs, st.committed)
+                        if start < 0:
+                            continue
+                    block = pb.DraftBlock(seq_id=st.seq_id, epoch=st.epoch, start=start, tokens=tokens,
                                           drafted_at=now)
-                    if prop is not None and prop.probs is not None and tokens:
-                        block.probs.CopyFrom(tensor_to_proto(prop.probs[: len(tokens)].float()))
+                    if probs is not None and tokens:
+                        block.probs.CopyFrom(tensor_to_proto(probs[: len(tokens)].float()))
                     st.assumed += tokens
                     if len(tokens) < st.k + 1:
                         st.starved = True  # told the target all we know; more only after the next verdict
@@ -221,10 +230,26 @@ class DraftWorker(pb_grpc.DraftServiceServicer):
                         st.session.out.put(pb.DraftMessage(block=block))
                         self.blocks_sent += 1
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the drafting thread and wait for it: a thread still inside torch when the interpreter exits
+        aborts the process."""
         with self.cv:
             self.stopped = True
             self.cv.notify_all()
+        if self.thread is not threading.current_thread():
+            self.thread.join(timeout)
+
+
+def _salvage(ctx: list[int], tokens: list[int], probs, committed: list[int]):
+    """(start, tokens, probs) of the part of a block drafted on `ctx` that still continues `committed`, or
+    (-1, [], None). Only when the committed tokens reached the block (the target stepped past the old context) and
+    agree with ctx + the drafted tokens so far."""
+    full = ctx + tokens
+    n = len(committed)
+    if n < len(ctx) or n >= len(full) or full[:n] != committed:
+        return -1, [], None
+    skip = n - len(ctx)
+    return n, tokens[skip:], (probs[skip:] if probs is not None else None)
 
 
 def serve_draft(drafter: Drafter, name: str, host: str = "127.0.0.1", port: int = 0, max_sequences: int = 256,

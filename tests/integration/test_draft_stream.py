@@ -1,0 +1,82 @@
+"""The target <-> draft gRPC stream on loopback, with the engine loop unchanged: exact output, tau == k + 1 with
+draft == target through run-ahead and epochs, a draft slower than the target still contributing, cleanup."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from workers.drafters.model import ModelDrafter
+from workers.engine.engine import SpecEngine
+from workers.engine.remote_draft import RemoteDraftClient
+from workers.engine.sequence import Request
+from workers.models.loader import load_model
+from workers.servers.draft_server import serve_draft
+
+K = 3
+PROMPTS = ["The quick brown fox", "def add(a, b):", "Hello world! How", "1 + 1 = 2, 2 +"]
+
+
+@pytest.fixture(scope="module")
+def target(tiny_llama):
+    return load_model(str(tiny_llama))
+
+
+def _run(target, draft, max_batch, max_tokens, k=K):
+    engine = SpecEngine(target, draft, max_batch=max_batch)
+    reqs = [Request(f"r{i}", target.tokenizer.encode(p), max_tokens=max_tokens, num_draft_tokens=k, ignore_eos=True)
+            for i, p in enumerate(PROMPTS)]
+    return engine.run(reqs), engine
+
+
+def _wait_empty(worker, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while worker.seqs and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return len(worker.seqs)
+
+
+@pytest.mark.parametrize("ahead", [1, 2])
+@pytest.mark.parametrize("max_batch", [1, 4])
+def test_remote_self_draft_is_exact_and_fully_accepted(target, tiny_llama, ahead, max_batch):
+    max_tokens = 1 + (K + 1) * 8
+    ref, _ = _run(target, None, max_batch, max_tokens, k=0)
+    server, worker, port = serve_draft(ModelDrafter(load_model(str(tiny_llama))), "model:self", ahead_blocks=ahead)
+    client = RemoteDraftClient(f"127.0.0.1:{port}", k=K, max_wait_s=2.0)
+    try:
+        seqs, engine = _run(target, client, max_batch, max_tokens)
+        assert [s.output_ids for s in seqs] == [s.output_ids for s in ref]
+        assert engine.fallback_steps == 0
+        for s in seqs:
+            assert s.num_accepted_tokens == s.num_draft_tokens and s.tau == K + 1
+        assert _wait_empty(worker) == 0  # finished sequences are freed on the draft worker
+    finally:
+        client.close()
+        worker.stop()
+        server.stop(0)
+
+
+class _SlowDrafter(ModelDrafter):
+    """draft == target, but each propose costs several target steps."""
+
+    def propose(self, requests):
+        time.sleep(0.03)
+        return super().propose(requests)
+
+
+def test_a_draft_slower_than_the_target_still_contributes(target, tiny_llama):
+    """The target's wait adapts to the draft's latency and the draft salvages blocks overtaken by fallback steps;
+    without either, a draft slower than a plain target step never lands a single token."""
+    ref, _ = _run(target, None, 4, 60, k=0)
+    server, worker, port = serve_draft(_SlowDrafter(load_model(str(tiny_llama))), "slow")
+    client = RemoteDraftClient(f"127.0.0.1:{port}", k=K, max_wait_s=0.001)
+    try:
+        seqs, engine = _run(target, client, 4, 60)
+        assert [s.output_ids for s in seqs] == [s.output_ids for s in ref]
+        accepted = sum(s.num_accepted_tokens for s in seqs)
+        assert accepted > 20, accepted
+    finally:
+        client.close()
+        worker.stop()
+        server.stop(0)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import statistics
 import threading
 import uuid
 
@@ -137,10 +136,3 @@ class TargetServer:
                 log.warning("target gRPC server did not stop cleanly: %r", e)
         self._thread.join(grace + 5)
 
-
-def latency_summary(samples: list[float]) -> dict:
-    if not samples:
-        return {"p50_ms": None, "p90_ms": None, "n": 0}
-    s = sorted(samples)
-    return {"p50_ms": round(statistics.median(s) * 1e3, 3), "p90_ms": round(s[int(0.9 * (len(s) - 1))] * 1e3, 3),
-            "n": len(s)}

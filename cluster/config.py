@@ -38,7 +38,9 @@ class TargetPoolConfig(PoolScaling):
     max_batch: int = Field(8, ge=1, description="sequences decoded together per replica")
     max_model_len: int = Field(4096, ge=16)
     num_draft_tokens: int = Field(4, ge=0, le=16, description="k: draft tokens verified per step")
-    max_draft_wait_ms: float = Field(50.0, ge=0, description="longest a step waits for a missing draft block")
+    max_draft_wait_ms: float = Field(
+        50.0, ge=0, description="a step waits at least this long for a missing draft block, longer (up to 1 s) "
+                                "when blocks usually take longer")
     resources: dict[str, float] = Field(default_factory=lambda: {"target": 0.001})
 
 

@@ -2,9 +2,10 @@
 
 The engine loop is unchanged: it asks `drafts()` for fresh draft tokens and reports every commit to `verdict()`.
 Here `drafts()` reads tokens the draft worker has already pushed into a per-sequence buffer (keyed by position,
-for the current epoch); it waits for a sequence's block only while none is buffered, and at most `max_wait_s` per
-step, after which the sequence falls back to one plain target token. `verdict()` applies the epoch rule and sends
-the verdict; with run-ahead the next block is usually already buffered when the target needs it.
+for the current epoch); it waits for a sequence's block only while none is buffered: at least `max_wait_s`, and as
+long as a block has recently taken (an EMA, capped at `max_wait_cap_s`), after which the sequence falls back to one
+plain target token. `verdict()` applies the epoch rule and sends the verdict; with run-ahead the next block is
+usually already buffered when the target needs it.
 
 If the stream breaks (draft worker dead or restarted) every sequence falls back to k = 0 at once; the client
 reconnects in the background and restarts each live sequence on the new stream with its full context.

@@ -308,3 +308,12 @@ def test_ray_version_is_the_same_everywhere():
     for name in ("cluster.yaml", "cluster-onprem.yaml"):
         pins = re.findall(r"ray\[[\w,]+\]==([\w.]+)", " ".join(_load(name)["setup_commands"]))
         assert pins == [version], f"{name} pins Ray {pins}, the image {version}"
+
+
+def test_serve_cluster_yaml_is_the_rayservice_application():
+    """deploy/serve-cluster.yaml (for `serve deploy` on a multi-node cluster) must not drift from the RayService."""
+    cluster = _load("serve-cluster.yaml")
+    rayservice = yaml.safe_load(_load("kuberay/rayservice.yaml")["spec"]["serveConfigV2"])
+    assert cluster == rayservice
+    _, app = _serve_app(cluster)
+    assert SpecrayConfig.model_validate(app.args).advertise_host == "auto"

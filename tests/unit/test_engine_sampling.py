@@ -16,6 +16,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.stats import chi_square_pvalue
+
 from workers.drafters.base import DraftProposal
 from workers.drafters.model import ModelDrafter
 from workers.engine.draft_client import InProcessDraftClient
@@ -81,26 +83,6 @@ def _sample(engine: SpecEngine, prompt: list[int], params: SamplingParams, n: in
 # ----------------------------------------------------------------------------------------------- statistics
 
 
-def chi_square_pvalue(observed: torch.Tensor, probs: torch.Tensor) -> float:
-    """Goodness-of-fit p-value of counts [C] against a distribution [C]; cells expected to hold fewer than 5
-    counts are pooled into one. A count in a cell of probability 0 gives p = 0."""
-    observed, probs = observed.double(), probs.double() / probs.double().sum()
-    impossible = probs <= 0
-    if float(observed[impossible].sum()) > 0:
-        return 0.0
-    expected = probs[~impossible] * observed.sum()
-    observed = observed[~impossible]
-    small = expected < 5
-    if bool(small.any()):
-        expected = torch.cat([expected[~small], expected[small].sum().view(1)])
-        observed = torch.cat([observed[~small], observed[small].sum().view(1)])
-    df = expected.numel() - 1
-    if df == 0:
-        return 1.0
-    stat = float(((observed - expected) ** 2 / expected).sum())
-    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), torch.tensor(stat / 2)))
-
-
 def reference_filter(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """[N, V] logits -> probabilities: temperature, then top-k, then top-p over what top-k left, keeping the
     smallest set of most likely tokens whose mass reaches top_p (written independently of workers.verify)."""
@@ -140,12 +122,6 @@ def exact_marginals(hf, prompt: list[int], params: SamplingParams, n_tokens: int
 def _pvalues(tokens: torch.Tensor, marginals: list[torch.Tensor]) -> list[float]:
     vocab = marginals[0].shape[0]
     return [chi_square_pvalue(torch.bincount(tokens[:, i], minlength=vocab), m) for i, m in enumerate(marginals)]
-
-
-def test_chi_square_pvalue_known_values():
-    assert abs(chi_square_pvalue(torch.tensor([60.0, 40.0]), torch.tensor([0.5, 0.5])) - 0.0455) < 1e-3
-    assert chi_square_pvalue(torch.tensor([50.0, 50.0]), torch.tensor([0.5, 0.5])) == 1.0
-    assert chi_square_pvalue(torch.tensor([1.0, 9.0]), torch.tensor([0.0, 1.0])) == 0.0
 
 
 def test_reference_filter_matches_the_definition():

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from tests.stats import chi_square_pvalue
+
 from workers.verify import verify_block
 from workers.verify.greedy import greedy_verify
 from workers.verify.rejection import rejection_verify
@@ -30,28 +32,6 @@ EMITTED = 2  # tokens checked per sequence: the marginal of the first and the jo
 # ----------------------------------------------------------------------------------------------------- statistics
 
 
-def chi_square_pvalue(
-    observed: torch.Tensor,  # [C] counts
-    probs: torch.Tensor,  # [C] the hypothesised distribution
-) -> float:
-    """Goodness-of-fit p-value; cells expected to hold fewer than 5 counts are pooled into one."""
-    observed = observed.double()
-    probs = probs.double() / probs.double().sum()
-    impossible = probs <= 0
-    assert float(observed[impossible].sum()) == 0.0, "emitted a token the target gives probability 0"
-    expected = probs[~impossible] * observed.sum()
-    observed = observed[~impossible]
-    small = expected < 5
-    if bool(small.any()):
-        expected = torch.cat([expected[~small], expected[small].sum().view(1)])
-        observed = torch.cat([observed[~small], observed[small].sum().view(1)])
-    df = expected.numel() - 1
-    if df == 0:
-        return 1.0
-    stat = float(((observed - expected) ** 2 / expected).sum())
-    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), torch.tensor(stat / 2)))
-
-
 def marginal_pvalue(tokens: torch.Tensor, p: torch.Tensor) -> float:  # tokens [N], p [V]
     return chi_square_pvalue(torch.bincount(tokens, minlength=VOCAB), p)
 
@@ -59,14 +39,6 @@ def marginal_pvalue(tokens: torch.Tensor, p: torch.Tensor) -> float:  # tokens [
 def joint_pvalue(first: torch.Tensor, second: torch.Tensor, p0: torch.Tensor, p1: torch.Tensor) -> float:
     counts = torch.bincount(first * VOCAB + second, minlength=VOCAB * VOCAB)  # [V * V]
     return chi_square_pvalue(counts, torch.outer(p0.double(), p1.double()).flatten())
-
-
-def test_chi_square_pvalue_matches_known_values():
-    # Chi-square survival function: df=1 at 3.841 and df=10 at 18.307 are the textbook 5% points.
-    observed = torch.tensor([60.0, 40.0])  # stat = (10^2/50) * 2 = 4.0, df = 1 -> p = 0.0455
-    assert abs(chi_square_pvalue(observed, torch.tensor([0.5, 0.5])) - 0.0455) < 1e-3
-    sf = torch.special.gammaincc(torch.tensor(5.0, dtype=torch.float64), torch.tensor(18.307 / 2, dtype=torch.float64))
-    assert abs(float(sf) - 0.05) < 1e-4
 
 
 # ----------------------------------------------------------------------------------------------------- scenarios

@@ -224,10 +224,7 @@ class AsyncEngine:
         seq = self.engine.sequences.get(seq_id)
         if seq is None:
             return
-        self.engine.abort(seq_id)
-        # SpecEngine.abort leaves the finished sequence in `running` until the end of the next step, which then
-        # verifies it with slot -1 (the last KV slot, possibly another sequence's). Drop it here, between steps.
-        self.engine.running = [s for s in self.engine.running if not s.finished]
+        self.engine.abort(seq_id)  # also takes it out of the running batch
         self._retire(seq, aborted=True)
 
     def _dispatch(self, events: list[StepEvent]) -> None:

@@ -42,8 +42,7 @@ class TargetWorker(pb_grpc.TargetServiceServicer):
     async def Generate(self, request: pb.GenerateRequest, context):
         req = request_from_proto(request)
         try:
-            self.engine.validate(req)
-            req.params.validate()
+            self.engine.validate(req)  # includes the sampling parameters
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if self.drafts is not None and req.num_draft_tokens > 0:

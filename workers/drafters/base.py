@@ -35,6 +35,8 @@ class DraftProposal:
     # [len(tokens), vocab] float32 distribution the tokens were sampled from, after the request's temperature /
     # top-k / top-p; None means a point mass on each token (greedy or model-free drafters).
     probs: torch.Tensor | None = None
+    # dspark: per token, the predicted probability that it is accepted given the tokens before it were
+    confidence: list[float] | None = None
 
 
 class Drafter(ABC):

@@ -3,7 +3,8 @@
     none            no drafter: plain target decoding through the same loop (k = 0)
     ngram[:N]       prompt lookup with n-grams up to N tokens (default 3)
     model:PATH      an independent small LM (name, GGUF, directory or cached hub id) sharing the target's tokenizer
-    KIND:PATH       a learned drafter checkpoint (mtp1, eagle, dspark) once those kinds are registered
+    KIND:PATH       a learned drafter checkpoint (mtp1, eagle, dspark) trained with `specray train`
+    KIND            the learned drafter shipped for the target (e.g. `dspark` for smollm2-135m)
 """
 
 from __future__ import annotations
@@ -17,17 +18,16 @@ def parse_draft_spec(spec: str) -> tuple[str, str | None]:
     spec = (spec or "none").strip()
     kind, _, arg = spec.partition(":")
     kind = kind.lower()
-    if kind in ("none", "ngram") or (kind in ("model", *LEARNED_KINDS) and arg):
+    if kind in ("none", "ngram", *LEARNED_KINDS) or (kind == "model" and arg):
         return kind, arg or None
     if kind == "model":
         raise ValueError("--draft model needs a path: model:PATH")
-    if kind in LEARNED_KINDS:
-        raise ValueError(f"--draft {kind} needs a checkpoint: {kind}:PATH")
     raise ValueError(f"unknown draft {spec!r}; use none, ngram[:N], model:PATH or one of "
-                     f"{', '.join(k + ':PATH' for k in LEARNED_KINDS)}")
+                     f"{', '.join(k + '[:PATH]' for k in LEARNED_KINDS)}")
 
 
-def build_drafter(spec: str, target, dtype="fp32", max_batch: int = 8, max_model_len: int = 4096) -> Drafter | None:
+def build_drafter(spec: str, target, dtype="fp32", max_batch: int = 8, max_model_len: int = 4096,
+                  min_confidence: float = 0.0) -> Drafter | None:
     """target: the LoadedModel being served (learned drafters share its embedding and LM head)."""
     kind, arg = parse_draft_spec(spec)
     if kind == "none":
@@ -50,4 +50,15 @@ def build_drafter(spec: str, target, dtype="fp32", max_batch: int = 8, max_model
         ):
             raise ValueError(f"draft model {arg!r} does not share the target's tokenizer")
         return ModelDrafter(draft, max_batch=max_batch, max_model_len=max_model_len)
-    raise ValueError(f"drafter kind {kind!r} is not available in this build yet")
+    from workers.drafters.learned import LearnedDrafter, load_head, shipped_checkpoint
+
+    path = arg or shipped_checkpoint(kind, target.name)
+    if path is None:
+        raise ValueError(f"no {kind} drafter is shipped for target {target.name!r}; train one with "
+                         f"`specray train --drafter {kind}` and pass --draft {kind}:PATH")
+    head = load_head(path, target.model.dtype, target.model.device)
+    if head.cfg.kind != kind:
+        raise ValueError(f"{path} holds a {head.cfg.kind} drafter, not {kind}")
+    head.attach(target.model)
+    return LearnedDrafter(head, max_batch=max_batch, max_model_len=max_model_len,
+                          min_confidence=min_confidence)

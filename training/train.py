@@ -1,0 +1,348 @@
+"""`specray train`: train a learned drafter (mtp1, eagle, dspark) for a target, with online target features.
+
+    specray train --target smollm2-135m --drafter dspark --data data/ --out ckpt/dspark
+
+Data is what `specray data` wrote (`train.jsonl` and `heldout.jsonl`: prompt and answer token ids, the answers
+being the target's own). Sequences are bucketed by length into batches of about `--batch-tokens` tokens; each
+step runs the frozen target over the batch for its features, then the drafter objective
+(`training/objective.py`). Progress is a tqdm bar; every `--eval-every` steps the held-out split is scored (top-1
+agreement per position and the greedy acceptance length a block would get) and a checkpoint is written: the
+shippable files (`config.json`, `model.safetensors`, `training_args.json`) at the top of `--out`, optimizer and
+position in `--out/state/` for `--resume`. Seeds are fixed; the same command on the same data gives the same
+drafter on the same machine.
+
+Data parallel: launched under `torchrun --nproc-per-node N` (gloo on CPU, NCCL on GPU) each rank takes every N-th
+batch and DDP averages gradients; `--ray-workers N` does the same on a Ray cluster through Ray Train.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from training.features import FeatureCache, FeatureExtractor
+from training.objective import DraftObjective
+from workers.drafters.head import KINDS, DraftHead, HeadConfig
+from workers.drafters.learned import save_head
+
+DEFAULTS = {  # per kind: layers of the head, its MLP width, block, which target layers it reads
+    "mtp1": dict(num_layers=1, intermediate_size=1536, block_size=1, features="last"),
+    "eagle": dict(num_layers=1, intermediate_size=1536, block_size=7, features="low,mid,high"),
+    "dspark": dict(num_layers=2, intermediate_size=1024, block_size=7, features="low,mid,high"),
+}
+
+
+def feature_layers(spec: str, num_layers: int) -> list[int]:
+    """'low,mid,high' (EAGLE-3's three depths), 'last', or explicit indices '2,14,27'."""
+    named = {"low": min(2, num_layers - 1), "mid": num_layers // 2, "high": max(num_layers - 3, 0),
+             "last": num_layers - 1}
+    out = []
+    for part in spec.split(","):
+        part = part.strip()
+        if part in named:
+            out.append(named[part])
+        else:
+            try:
+                out.append(int(part))
+            except ValueError:
+                raise ValueError(f"feature layer {part!r}: use low, mid, high, last or a layer index") from None
+        if not 0 <= out[-1] < num_layers:
+            raise ValueError(f"feature layer {out[-1]} is outside the target's {num_layers} layers")
+    return out
+
+
+def read_rows(path: Path, max_len: int) -> list[tuple[list[int], int]]:
+    """(prompt + answer ids truncated to max_len, prompt length) per row with at least 3 answer tokens."""
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            r = json.loads(line)
+            ids = (list(r["prompt_ids"]) + list(r["answer_ids"]))[:max_len]
+            if len(ids) - len(r["prompt_ids"]) >= 3:
+                rows.append((ids, len(r["prompt_ids"])))
+    return rows
+
+
+def make_batches(rows, batch_tokens: int, seed: int) -> list[list[int]]:
+    """Indices of rows, bucketed by length so padding stays small; batch order shuffled with the seed."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
+    batches, cur, cur_max = [], [], 0
+    for i in order:
+        n = len(rows[i][0])
+        if cur and max(cur_max, n) * (len(cur) + 1) > batch_tokens:
+            batches.append(cur)
+            cur, cur_max = [], 0
+        cur.append(i)
+        cur_max = max(cur_max, n)
+    if cur:
+        batches.append(cur)
+    random.Random(seed).shuffle(batches)
+    return batches
+
+
+def collate(rows, idx: list[int], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    T = max(len(rows[i][0]) for i in idx)
+    tokens = torch.zeros(len(idx), T, dtype=torch.long)
+    for r, i in enumerate(idx):
+        tokens[r, : len(rows[i][0])] = torch.tensor(rows[i][0])
+    lengths = torch.tensor([len(rows[i][0]) for i in idx])
+    prompt_lens = torch.tensor([rows[i][1] for i in idx])
+    return tokens.to(device), lengths.to(device), prompt_lens.to(device)
+
+
+def draft_vocabulary(rows, size: int, vocab_size: int) -> torch.Tensor:
+    """The `size` tokens the target writes most often in its answers (all tokens when size is 0)."""
+    if size <= 0 or size >= vocab_size:
+        return torch.arange(vocab_size)
+    counts = Counter()
+    for ids, p in rows:
+        counts.update(ids[p:])
+    top = [t for t, _ in counts.most_common(size)]
+    rest = (t for t in range(vocab_size) if t not in set(top))
+    while len(top) < size:  # fewer distinct tokens than asked: pad with low ids so the size is what was asked
+        top.append(next(rest))
+    return torch.tensor(sorted(top))
+
+
+def build_head(args, target, rows) -> DraftHead:
+    a = target.args
+    d = DEFAULTS[args.drafter]
+    cfg = HeadConfig(
+        kind=args.drafter, hidden_size=a.hidden_size, vocab_size=a.vocab_size,
+        feature_layers=feature_layers(args.feature_layers or d["features"], a.num_layers),
+        num_layers=args.head_layers or d["num_layers"], num_heads=a.num_heads, num_kv_heads=a.num_kv_heads,
+        head_dim=a.head_dim, intermediate_size=args.intermediate_size or d["intermediate_size"],
+        block_size=args.block_size or d["block_size"], draft_vocab_size=min(args.draft_vocab, a.vocab_size),
+        rms_norm_eps=a.rms_norm_eps, target=args.target,
+    )
+    head = DraftHead(cfg)
+    head.set_draft_vocab(draft_vocabulary(rows, cfg.draft_vocab_size, a.vocab_size))
+    if not a.gemma_norm:  # start from the target's own final norm in front of its LM head
+        head.norm.weight.data.copy_(target.norm.weight.detach().float())
+    return head
+
+
+def _setup_distributed() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():  # Ray Train set it up
+        return dist.get_rank(), dist.get_world_size()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        return dist.get_rank(), world
+    return 0, 1
+
+
+def train(args) -> dict:
+    from workers.models.loader import load_model
+
+    rank, world = _setup_distributed()
+    device = torch.device(args.device if args.device != "cuda" or world == 1 else f"cuda:{torch.cuda.current_device()}")
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    data = Path(args.data)
+    if not (data / "train.jsonl").is_file():
+        raise ValueError(f"{data} has no train.jsonl; make one with `specray data --out {data}`")
+    rows = read_rows(data / "train.jsonl", args.max_len)
+    held = read_rows(data / "heldout.jsonl", args.max_len) if (data / "heldout.jsonl").is_file() else []
+    if not rows:
+        raise ValueError(f"{data}/train.jsonl has no usable rows (each needs at least 3 answer tokens)")
+    tdtype = "bf16" if args.target_dtype == "bf16" else "fp32"
+    target = load_model(args.target, tdtype, device=str(device)).model.eval()
+    for p in target.parameters():
+        p.requires_grad_(False)
+
+    out = Path(args.out)
+    state_path = out / "state" / "trainer_state.pt"
+    head = build_head(args, target, rows)
+    resume = torch.load(state_path, map_location="cpu", weights_only=False) if args.resume and state_path.is_file() else None
+    if resume is not None:
+        head.set_draft_vocab(resume["head"]["draft_vocab"])
+        head.load_state_dict(resume["head"])
+    head.to(device).train()
+    head.attach(target)
+    objective = DraftObjective(head, anchors_per_seq=args.anchors, decay=args.decay, tv_weight=args.tv_weight).to(device)
+    model = objective
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
+    extractor = FeatureExtractor(target, head.cfg.feature_layers)
+    params = [p for p in head.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+    batches = make_batches(rows, args.batch_tokens, args.seed)
+    steps_per_epoch = max(len(batches) // world, 1)
+    total_steps = args.max_steps or steps_per_epoch * args.epochs
+    warmup = min(args.warmup, total_steps // 10 + 1)
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return args.lr * (step + 1) / warmup
+        frac = (step - warmup) / max(total_steps - warmup, 1)
+        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+
+    step, elapsed_before = 0, 0.0
+    if resume is not None:
+        opt.load_state_dict(resume["optimizer"])
+        step, elapsed_before = resume["step"], resume.get("elapsed_s", 0.0)
+        torch.set_rng_state(resume["rng"])
+    cache = None
+    if args.feature_cache:
+        cache = FeatureCache(args.feature_cache, extractor, sum(len(r[0]) for r in rows))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
+    n_params = sum(p.numel() for p in head.parameters())
+    train_args = {k: v for k, v in vars(args).items() if k != "func"}
+    history = []
+    t0 = time.time() - elapsed_before
+    bar = tqdm(total=total_steps, initial=step, desc=f"train {args.drafter}", disable=rank != 0 or not args.progress,
+               dynamic_ncols=True)
+
+    def evaluate() -> dict:
+        head.eval()
+        g = torch.Generator(device=device)
+        g.manual_seed(1234)
+        agg: dict[str, float] = {}
+        n = 0
+        with torch.no_grad(), autocast:
+            for bi, idx in enumerate(make_batches(held, args.batch_tokens, 0)[: args.eval_batches]):
+                tokens, lengths, plens = collate(held, idx, device)
+                feats, last = extractor(tokens, lengths.tolist())
+                s = objective(tokens, lengths, plens, feats, last, extractor_logp, generator=g)
+                for key in ("loss", "acc0", "sim_tau"):
+                    agg[key] = agg.get(key, 0.0) + float(s[key])
+                if "acc_per_pos" in s:
+                    agg.setdefault("acc_per_pos", torch.zeros_like(s["acc_per_pos"]))
+                    agg["acc_per_pos"] += s["acc_per_pos"]
+                n += 1
+        head.train()
+        if not n:
+            return {}
+        res = {k: (v / n).tolist() if torch.is_tensor(v) else v / n for k, v in agg.items()}
+        return {k: [round(x, 4) for x in v] if isinstance(v, list) else round(v, 4) for k, v in res.items()}
+
+    def extractor_logp(h):
+        return extractor.target_log_probs(h, head.draft_vocab)
+
+    def save(final: bool = False) -> None:
+        if rank != 0:
+            return
+        meta = dict(train_args, steps=step, elapsed_s=round(time.time() - t0, 1), params=n_params,
+                    eval=history[-1] if history else None)
+        save_head(head, out, meta)
+        state_path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"head": head.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                    "elapsed_s": time.time() - t0, "rng": torch.get_rng_state()}, state_path)
+
+    epoch = step // steps_per_epoch
+    stop = False
+    while step < total_steps and not stop:
+        order = make_batches(rows, args.batch_tokens, args.seed + epoch)[rank::world]
+        for bi in range(step % steps_per_epoch, len(order)):
+            idx = order[bi]
+            tokens, lengths, plens = collate(rows, idx, device)
+            for grp in opt.param_groups:
+                grp["lr"] = lr_at(step)
+            with autocast:
+                if cache is not None:
+                    feats, last = cache.get(idx[0], tokens, lengths.tolist())
+                else:
+                    feats, last = extractor(tokens, lengths.tolist())
+                s = model(tokens, lengths, plens, feats, last, extractor_logp)
+            opt.zero_grad(set_to_none=True)
+            s["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            step += 1
+            bar.update(1)
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{float(s['loss']):.3f}", acc0=f"{float(s['acc0']):.3f}",
+                                tau=f"{float(s['sim_tau']):.2f}")
+            out_of_time = args.time_budget_min and time.time() - t0 > args.time_budget_min * 60
+            if step % args.eval_every == 0 or step >= total_steps or out_of_time:
+                ev = evaluate()
+                if ev:
+                    history.append(dict(ev, step=step, elapsed_s=round(time.time() - t0, 1)))
+                    if rank == 0:
+                        tqdm.write(json.dumps({"eval": history[-1]}))
+                save()
+            if step >= total_steps or out_of_time:
+                stop = True
+                break
+        epoch += 1
+    bar.close()
+    if world > 1 and not (dist.is_initialized() and os.environ.get("SPECRAY_RAY_TRAIN")):
+        dist.destroy_process_group()
+    size = (out / "model.safetensors").stat().st_size if (out / "model.safetensors").exists() else 0
+    return {"drafter": args.drafter, "steps": step, "train_s": round(time.time() - t0, 1), "params": n_params,
+            "checkpoint_bytes": size, "out": str(out), "eval": history[-1] if history else None}
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def run_train(args) -> int:
+    if args.ray_workers:
+        from training.ray_train import train_on_ray
+
+        result = train_on_ray(args)
+    else:
+        result = train(args)
+    print(json.dumps(result))
+    return 0
+
+
+def add_train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train a learned drafter (mtp1, eagle, dspark) on data from `specray data`")
+    p.add_argument("--target", default="smollm2-135m")
+    p.add_argument("--drafter", required=True, choices=KINDS)
+    p.add_argument("--data", required=True, help="directory written by `specray data`")
+    p.add_argument("--out", required=True, help="checkpoint directory")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--target-dtype", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: --epochs)")
+    p.add_argument("--time-budget-min", type=float, default=0, help="stop (and save) after this many minutes")
+    p.add_argument("--batch-tokens", type=int, default=8192, help="tokens per batch, padding included")
+    p.add_argument("--max-len", type=int, default=1024)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--anchors", type=int, default=16, help="blocks per sequence per step (eagle, dspark)")
+    p.add_argument("--decay", type=float, default=0.8, help="loss weight decay with block position")
+    p.add_argument("--tv-weight", type=float, default=1.0, help="dspark: total variation to the target")
+    p.add_argument("--draft-vocab", type=int, default=8192, help="LM head rows the drafter may propose (0: all)")
+    p.add_argument("--block-size", type=int, default=0)
+    p.add_argument("--head-layers", type=int, default=0)
+    p.add_argument("--intermediate-size", type=int, default=0)
+    p.add_argument("--feature-layers", default="", help="e.g. low,mid,high (default) or 2,15,27")
+    p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--eval-batches", type=int, default=8)
+    p.add_argument("--feature-cache", default="", help="keep target features in safetensors shards here")
+    p.add_argument("--resume", action="store_true", help="continue from --out/state/trainer_state.pt")
+    p.add_argument("--ray-workers", type=int, default=0, help="data-parallel workers on a Ray cluster (Ray Train)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.set_defaults(func=run_train)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="specray")
+    add_train_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["train", *(argv or [])])
+    return args.func(args)

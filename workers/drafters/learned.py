@@ -1,0 +1,310 @@
+"""Learned drafters (mtp1, eagle, dspark): checkpoints and the `Drafter` that serves them.
+
+A checkpoint is a directory: `config.json` (the `HeadConfig`), `model.safetensors` (the head's own weights in
+bf16 and its draft vocabulary; the target's embedding and LM head are not in it) and `training_args.json`.
+
+Serving state per sequence (one slot of the head's KV cache):
+- the target features the target sent (`observe_target_features`), for positions 0 .. n-1;
+- the context stream cached in the slot: position t holds (features at t, token at t + 1), so the last position
+  with features, the anchor a, can be cached once the token after it is known; its output predicts token a + 2.
+Each `propose` repairs the slot to the longest prefix of the request's context it agrees with (like the `model`
+drafter), feeds the new positions for all sequences in one padded forward, drafts, and rolls the draft positions
+back out of the cache. Tokens of the context past a + 1 are ones a running-ahead draft worker assumed; they have
+no target features yet, so they are fed as if drafted (the head's own outputs stand in for the features, as
+DESIGN.md asks), and the proposal continues after them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from workers.drafters.base import DraftProposal, DraftRequest, Drafter
+from workers.drafters.head import DraftHead, HeadConfig
+from workers.params import SamplingParams
+from workers.verify.sampling import filter_logits_to_probs, sample_from_probs
+
+CHECKPOINTS_DIR = Path(__file__).resolve().parent / "checkpoints"  # shipped drafters: checkpoints/<target>/<kind>
+CANDIDATES = 16  # dspark greedy: the Markov head re-ranks this many candidates of each position's parallel guess
+
+
+# --- checkpoints ---------------------------------------------------------------------------------------------------
+def save_head(head: DraftHead, out_dir: str | Path, training_args: dict | None = None) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu", torch.bfloat16 if v.is_floating_point() else v.dtype).contiguous()
+             for k, v in head.state_dict().items()}
+    tmp = out / "model.safetensors.tmp"
+    save_file(state, str(tmp), metadata={"format": "pt", "kind": head.cfg.kind})
+    tmp.replace(out / "model.safetensors")  # a checkpoint is never half written
+    (out / "config.json").write_text(json.dumps(head.cfg.to_dict(), indent=2) + "\n")
+    if training_args is not None:
+        (out / "training_args.json").write_text(json.dumps(training_args, indent=2, default=str) + "\n")
+    return out
+
+
+def load_head(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu") -> DraftHead:
+    path = Path(path)
+    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+        raise ValueError(f"{path} is not a drafter checkpoint (expected config.json and model.safetensors)")
+    cfg = HeadConfig(**json.loads((path / "config.json").read_text()))
+    head = DraftHead(cfg)
+    state = load_file(str(path / "model.safetensors"))
+    head.set_draft_vocab(state["draft_vocab"])
+    missing, unexpected = head.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: checkpoint does not match its config (missing {missing}, unexpected {unexpected})")
+    return head.to(device=device, dtype=dtype).eval()
+
+
+def shipped_checkpoint(kind: str, target_name: str) -> Path | None:
+    p = CHECKPOINTS_DIR / target_name / kind
+    return p if (p / "config.json").is_file() else None
+
+
+# --- serving ---------------------------------------------------------------------------------------------------
+class _State:
+    def __init__(self, slot: int, params: SamplingParams, feature_dim: int, dtype):
+        self.slot = slot
+        self.params = params
+        self.features = torch.empty(64, feature_dim, dtype=dtype)  # [capacity, F] target features by position
+        self.num_features = 0  # positions 0 .. n-1 are known
+        self.cached_next: list[int] = []  # token at t + 1 for each cached context position t
+        self.anchor_out: torch.Tensor | None = None  # [d] context output at the last cached position
+        self.generator = None
+        if not params.greedy:
+            self.generator = torch.Generator()
+            self.generator.manual_seed((params.seed if params.seed is not None else torch.seed()) + 0x5EED)
+
+    def add_features(self, start: int, hidden: torch.Tensor) -> None:
+        if start > self.num_features:
+            return  # a gap: keep what is contiguous (the next verdict repeats nothing, so drafting just stops)
+        end = start + hidden.shape[0]
+        if end > self.features.shape[0]:
+            grown = torch.empty(max(end, 2 * self.features.shape[0]), self.features.shape[1], dtype=self.features.dtype)
+            grown[: self.num_features] = self.features[: self.num_features]
+            self.features = grown
+        self.features[start:end] = hidden.to(self.features.dtype)
+        self.num_features = max(self.num_features, end)
+
+
+class LearnedDrafter(Drafter):
+    def __init__(self, head: DraftHead, max_batch: int = 8, max_model_len: int = 4096, max_draft_tokens: int = 16,
+                 min_confidence: float = 0.0):
+        self.head = head
+        self.cfg = head.cfg
+        self.kind = head.cfg.kind
+        self.feature_layers = tuple(head.cfg.feature_layers)
+        self.max_draft_tokens = 1 if self.kind == "mtp1" else (
+            head.cfg.block_size if self.kind == "dspark" else max_draft_tokens)
+        self.min_confidence = min_confidence  # dspark: end the block where the predicted survival drops below this
+        self.cache = head.new_cache(max_batch, max_model_len + self.max_draft_tokens + 2)
+        self.states: dict[str, _State] = {}
+        self.dtype = head.in_proj.weight.dtype
+
+    def add_sequence(self, seq_id: str, params: SamplingParams) -> None:
+        if seq_id in self.states or self.cache.num_free == 0:
+            return  # no room: this sequence gets no drafts (the target falls back to k = 0)
+        feat_dim = len(self.feature_layers) * self.cfg.hidden_size
+        self.states[seq_id] = _State(self.cache.allocate(), params, feat_dim, self.dtype)
+
+    def release(self, seq_id: str) -> None:
+        st = self.states.pop(seq_id, None)
+        if st is not None:
+            self.cache.free(st.slot)
+
+    def observe_target_features(self, seq_id: str, start: int, hidden: torch.Tensor) -> None:
+        st = self.states.get(seq_id)
+        if st is not None:
+            st.add_features(start, hidden)
+
+    @torch.inference_mode()
+    def propose(self, requests: list[DraftRequest]) -> list[DraftProposal]:
+        out = [DraftProposal() for _ in requests]
+        rows, anchors, forced, want = [], [], [], []
+        for i, r in enumerate(requests):
+            st = self.states.get(r.seq_id)
+            if st is None or r.k <= 0 or len(r.token_ids) < 2:
+                continue
+            a = min(st.num_features, len(r.token_ids) - 1) - 1  # anchor: last position with features
+            f = r.token_ids[a + 2:]  # assumed by a draft worker running ahead, not verified yet
+            n = min(r.k, self.max_draft_tokens - len(f)) if self.kind != "eagle" else r.k
+            if a < 0 or n <= 0 or a + len(f) + n + 2 >= self.cache.capacity:
+                continue
+            rows.append(i)
+            anchors.append(a)
+            forced.append(f)
+            want.append(n)
+        if not rows:
+            return out
+        states = [self.states[requests[i].seq_id] for i in rows]
+        self._update_context([requests[i].token_ids for i in rows], states, anchors)
+        if self.kind == "dspark":
+            drafted = self._draft_block(states, forced, want)
+        else:
+            drafted = self._draft_chain(states, forced, want)
+        for j, i in enumerate(rows):
+            self.cache.rollback(states[j].slot, anchors[j] + 1)
+            out[i] = drafted[j]
+        return out
+
+    # --- steps -----------------------------------------------------------------------------------------------------
+    def _update_context(self, contexts: list[list[int]], states: list[_State], anchors: list[int]) -> None:
+        """Make each slot hold context positions 0 .. anchor and remember the anchor's output."""
+        feeds = []
+        for ctx, st, a in zip(contexts, states, anchors):
+            target_next = ctx[1 : a + 2]  # token at t + 1 for t = 0 .. a
+            keep = _common_prefix(st.cached_next, target_next)
+            if keep == a + 1 and st.anchor_out is not None:
+                feeds.append(None)
+                continue
+            keep = min(keep, a)  # re-run at least the anchor to get its output
+            self.cache.rollback(st.slot, keep)
+            st.cached_next = st.cached_next[:keep]
+            feeds.append((keep, target_next[keep:]))
+        todo = [j for j, f in enumerate(feeds) if f is not None]
+        if not todo:
+            return
+        n = [len(feeds[j][1]) for j in todo]
+        T = max(n)
+        feats = torch.zeros(len(todo), T, self.states_feature_dim, dtype=self.dtype)
+        nxt = torch.zeros(len(todo), T, dtype=torch.long)
+        for r, j in enumerate(todo):
+            keep, toks = feeds[j]
+            feats[r, : n[r]] = states[j].features[keep : keep + n[r]]
+            nxt[r, : n[r]] = torch.tensor(toks)
+        dev = self.head.in_proj.weight.device
+        x = self.head.context_inputs(feats.to(dev), nxt.to(dev))
+        y = self.head.cached(x, self.cache, [states[j].slot for j in todo], n)  # [R, T, d]
+        for r, j in enumerate(todo):
+            st = states[j]
+            st.cached_next += feeds[j][1]
+            st.anchor_out = y[r, n[r] - 1].clone()
+
+    @property
+    def states_feature_dim(self) -> int:
+        return len(self.feature_layers) * self.cfg.hidden_size
+
+    def _draft_chain(self, states, forced, want) -> list[DraftProposal]:
+        """mtp1 / eagle: one head forward per draft position after the first, over the rows still drafting."""
+        head = self.head
+        R = len(states)
+        outs = [st.anchor_out for st in states]  # current output per row: predicts the next position's token
+        tokens: list[list[int]] = [[] for _ in range(R)]
+        probs: list[list[torch.Tensor]] = [[] for _ in range(R)]
+        total = [len(f) + n for f, n in zip(forced, want)]
+        i = 0
+        while True:
+            # position i of every active row: forced (assumed) or drafted from its current output
+            active = [j for j in range(R) if i < total[j]]
+            drafted = [j for j in active if i >= len(forced[j])]
+            if drafted:
+                lg = head.logits(torch.stack([outs[j] for j in drafted]))  # [n, Vd]
+                picks = self._pick([states[j] for j in drafted], lg, [probs[j] for j in drafted])
+                for j, t in zip(drafted, picks):
+                    tokens[j].append(t)
+            nxt = [j for j in active if i + 1 < total[j]]
+            if not nxt:
+                break
+            prev = torch.tensor([forced[j][i] if i < len(forced[j]) else tokens[j][-1] for j in nxt])
+            x = head.chain_inputs(torch.stack([outs[j] for j in nxt]), prev.to(outs[0].device))[:, None]
+            y = head.cached(x, self.cache, [states[j].slot for j in nxt], [1] * len(nxt))[:, 0]
+            for r, j in enumerate(nxt):
+                outs[j] = y[r]
+            i += 1
+        return [DraftProposal(tokens[j], torch.stack(probs[j]) if probs[j] else None) for j in range(R)]
+
+    def _draft_block(self, states, forced, want) -> list[DraftProposal]:
+        """dspark: the block's positions from one parallel forward, then the Markov head position by position."""
+        head = self.head
+        R = len(states)
+        total = [len(f) + n for f, n in zip(forced, want)]
+        K = max(total)
+        o = [st.anchor_out[None] for st in states]  # position 0 of each row: the anchor's output
+        if K > 1:
+            x = head.mask_embed[: K - 1].unsqueeze(0).expand(R, K - 1, -1)
+            y = head.cached(x.contiguous(), self.cache, [st.slot for st in states], [t - 1 for t in total])
+            o = [torch.cat([o[j], y[j, : total[j] - 1]]) for j in range(R)]
+        o_all = torch.stack([torch.nn.functional.pad(v, (0, 0, 0, K - v.shape[0])) for v in o])  # [R, K, d]
+        base = head.logits(o_all)  # [R, K, Vd]: the parallel guess of every position
+        max_prob = base.softmax(-1).amax(-1)  # [R, K]
+        greedy = all(st.params.greedy for st in states)
+        tokens: list[list[int]] = [[] for _ in range(R)]
+        probs: list[list[torch.Tensor]] = [[] for _ in range(R)]
+        conf: list[list[float]] = [[] for _ in range(R)]
+        prev = [None] * R
+        for i in range(K):
+            active = [j for j in range(R) if i < total[j]]
+            z = o_all[active, i]
+            if i > 0:
+                p = torch.tensor([prev[j] for j in active], device=z.device)
+                z = head.markov(z, p)
+            c = head.confidence_of(z, max_prob[active, i]).tolist()
+            drafted = [r for r, j in enumerate(active) if i >= len(forced[j])]
+            picks: list[int] = []
+            if drafted:
+                if greedy and i > 0:  # re-rank the parallel guess's best candidates with the Markov state
+                    cand = base[[active[r] for r in drafted], i].topk(CANDIDATES, -1).indices  # [n, C]
+                    h = head.norm(z[drafted])
+                    scores = torch.einsum("nd,ncd->nc", h, head._lm[cand].to(h.dtype))
+                    picks = head.draft_vocab[cand.gather(1, scores.argmax(-1, keepdim=True))[:, 0]].tolist()
+                elif greedy:
+                    picks = head.draft_vocab[base[[active[r] for r in drafted], 0].argmax(-1)].tolist()
+                else:
+                    lg = head.logits(z[drafted])
+                    picks = self._pick([states[active[r]] for r in drafted], lg, [probs[active[r]] for r in drafted])
+            it = iter(picks)
+            for r, j in enumerate(active):
+                if i < len(forced[j]):
+                    prev[j] = forced[j][i]
+                else:
+                    prev[j] = next(it)
+                    tokens[j].append(prev[j])
+                    conf[j].append(c[r])
+        out = []
+        for j in range(R):
+            n = len(tokens[j])
+            if self.min_confidence > 0 and n > 1:
+                survive, keep = 1.0, 0
+                for cj in conf[j]:
+                    survive *= cj
+                    if survive < self.min_confidence and keep >= 1:
+                        break
+                    keep += 1
+                n = keep
+            p = torch.stack(probs[j][:n]) if probs[j] else None
+            out.append(DraftProposal(tokens[j][:n], p, conf[j][:n]))
+        return out
+
+    def _pick(self, states: list[_State], logits: torch.Tensor, probs_out: list[list[torch.Tensor]]) -> list[int]:
+        """logits: [n, Vd] over the draft vocabulary -> one target token id per row. Sampled rows draw from the
+        request's filtered distribution and record it over the full vocabulary (zero outside the draft vocabulary:
+        rejection sampling stays exact for any draft distribution)."""
+        vocab = self.head.draft_vocab
+        if all(s.params.greedy for s in states):
+            return vocab[logits.argmax(-1)].tolist()
+        p = [s.params for s in states]
+        probs = filter_logits_to_probs(
+            logits.cpu(),
+            torch.tensor([x.temperature for x in p], dtype=torch.float32),
+            torch.tensor([x.top_k for x in p], dtype=torch.long),
+            torch.tensor([x.top_p for x in p], dtype=torch.float32),
+        )
+        idx = sample_from_probs(probs, [s.generator for s in states])
+        full = torch.zeros(len(states), self.cfg.vocab_size)
+        full[:, vocab.cpu()] = probs
+        for row, s in enumerate(states):
+            if not s.params.greedy:
+                probs_out[row].append(full[row])
+        return vocab.cpu()[idx].tolist()
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i

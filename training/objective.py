@@ -100,10 +100,10 @@ class DraftObjective(nn.Module):
                 loss = loss + self.tv_weight * tv_loss
                 stats["tv"] = tv_loss.detach()
             max_prob = head.logits(o).softmax(-1).amax(-1)  # [B, A, K] confidence of the parallel guess
-            conf = head.confidence_of(z, max_prob)
-            bce = F.binary_cross_entropy(conf.clamp(1e-6, 1 - 1e-6), correct.float(), reduction="none")
+            conf_logit = head.confidence_logit(z, max_prob)
+            bce = F.binary_cross_entropy_with_logits(conf_logit, correct.float(), reduction="none")
             loss = loss + self.confidence_weight * (bce * valid).sum() / valid.sum().clamp(min=1)
-            stats["conf"] = conf.detach()
+            stats["conf"] = torch.sigmoid(conf_logit.detach())
         stats["loss"] = loss
         stats["correct"] = correct.detach()
         stats["valid"] = valid.detach()

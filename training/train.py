@@ -190,6 +190,8 @@ def train(args) -> dict:
         if step < warmup:
             return args.lr * (step + 1) / warmup
         frac = (step - warmup) / max(total_steps - warmup, 1)
+        if args.time_budget_min:  # a time budget ends training early: decay on whichever comes first
+            frac = max(frac, (time.time() - t0) / (args.time_budget_min * 60))
         return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
 
     step, elapsed_before = 0, 0.0
@@ -200,7 +202,8 @@ def train(args) -> dict:
     cache = None
     if args.feature_cache:
         cache = FeatureCache(args.feature_cache, extractor, sum(len(r[0]) for r in rows))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
+    amp = device.type == "cuda" or os.environ.get("SPECRAY_CPU_AMP") == "1"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else _null()
     n_params = sum(p.numel() for p in head.parameters())
     train_args = {k: v for k, v in vars(args).items() if k != "func"}
     history = []
@@ -214,11 +217,12 @@ def train(args) -> dict:
         g.manual_seed(1234)
         agg: dict[str, float] = {}
         n = 0
-        with torch.no_grad(), autocast:
+        with torch.no_grad():
             for bi, idx in enumerate(make_batches(held, args.batch_tokens, 0)[: args.eval_batches]):
                 tokens, lengths, plens = collate(held, idx, device)
                 feats, last = extractor(tokens, lengths.tolist())
-                s = objective(tokens, lengths, plens, feats, last, extractor_logp, generator=g)
+                with autocast:
+                    s = objective(tokens, lengths, plens, feats, last, extractor_logp, generator=g)
                 for key in ("loss", "acc0", "sim_tau"):
                     agg[key] = agg.get(key, 0.0) + float(s[key])
                 if "acc_per_pos" in s:
@@ -245,6 +249,7 @@ def train(args) -> dict:
                     "elapsed_s": time.time() - t0, "rng": torch.get_rng_state()}, state_path)
 
     epoch = step // steps_per_epoch
+    start_step = step
     stop = False
     while step < total_steps and not stop:
         order = make_batches(rows, args.batch_tokens, args.seed + epoch)[rank::world]
@@ -253,11 +258,11 @@ def train(args) -> dict:
             tokens, lengths, plens = collate(rows, idx, device)
             for grp in opt.param_groups:
                 grp["lr"] = lr_at(step)
+            if cache is not None:  # the target runs in its own dtype, outside autocast
+                feats, last = cache.get(idx[0], tokens, lengths.tolist())
+            else:
+                feats, last = extractor(tokens, lengths.tolist())
             with autocast:
-                if cache is not None:
-                    feats, last = cache.get(idx[0], tokens, lengths.tolist())
-                else:
-                    feats, last = extractor(tokens, lengths.tolist())
                 s = model(tokens, lengths, plens, feats, last, extractor_logp)
             opt.zero_grad(set_to_none=True)
             s["loss"].backward()
@@ -266,9 +271,10 @@ def train(args) -> dict:
             step += 1
             bar.update(1)
             if step % 10 == 0:
-                bar.set_postfix(loss=f"{float(s['loss']):.3f}", acc0=f"{float(s['acc0']):.3f}",
+                bar.set_postfix(loss=f"{float(s['loss'].detach()):.3f}", acc0=f"{float(s['acc0']):.3f}",
                                 tau=f"{float(s['sim_tau']):.2f}")
-            out_of_time = args.time_budget_min and time.time() - t0 > args.time_budget_min * 60
+            out_of_time = bool(args.time_budget_min and time.time() - t0 > args.time_budget_min * 60) or (
+                args.stop_after > 0 and step - start_step >= args.stop_after)
             if step % args.eval_every == 0 or step >= total_steps or out_of_time:
                 ev = evaluate()
                 if ev:
@@ -335,6 +341,8 @@ def add_train_parser(sub) -> None:
     p.add_argument("--eval-batches", type=int, default=8)
     p.add_argument("--feature-cache", default="", help="keep target features in safetensors shards here")
     p.add_argument("--resume", action="store_true", help="continue from --out/state/trainer_state.pt")
+    p.add_argument("--stop-after", type=int, default=0,
+                   help="checkpoint and stop after this many steps of this run (continue later with --resume)")
     p.add_argument("--ray-workers", type=int, default=0, help="data-parallel workers on a Ray cluster (Ray Train)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", dest="progress", action="store_false")

@@ -183,10 +183,15 @@ class DraftHead(nn.Module):
         e = self.token_norm(self.embed(prev_tokens).to(o.dtype))
         return o + self.markov_out(F.silu(self.markov_in(torch.cat([o, e], dim=-1))))
 
-    def confidence_of(self, z: torch.Tensor, max_prob: torch.Tensor) -> torch.Tensor:
-        """P(this position is accepted | the ones before it were): [..., d], [...] -> [...] in [0, 1]."""
+    def confidence_logit(self, z: torch.Tensor, max_prob: torch.Tensor) -> torch.Tensor:
+        """Logit of P(this position is accepted | the ones before it were): [..., d], [...] -> [...] float32.
+        Reads the Markov state and the parallel guess's top probability, detached: it learns to judge the draft
+        without changing it."""
         x = torch.cat([self.norm(z.detach()), max_prob.detach()[..., None].to(z.dtype)], dim=-1)
-        return torch.sigmoid(self.confidence(x).float().squeeze(-1))
+        return self.confidence(x).float().squeeze(-1)
+
+    def confidence_of(self, z: torch.Tensor, max_prob: torch.Tensor) -> torch.Tensor:  # in [0, 1]
+        return torch.sigmoid(self.confidence_logit(z, max_prob))
 
     # --- training path -----------------------------------------------------------------------------------------
     def context(self, x: torch.Tensor) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:

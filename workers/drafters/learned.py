@@ -54,7 +54,10 @@ def load_head(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu"
     head = DraftHead(cfg)
     state = load_file(str(path / "model.safetensors"))
     head.set_draft_vocab(state["draft_vocab"])
-    missing, unexpected = head.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = head.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shapes differ from what config.json says
+        raise ValueError(f"{path}: weights do not match config.json ({str(e).splitlines()[1].strip()})") from None
     if missing or unexpected:
         raise ValueError(f"{path}: checkpoint does not match its config (missing {missing}, unexpected {unexpected})")
     return head.to(device=device, dtype=dtype).eval()

@@ -1,0 +1,223 @@
+"""Learned drafters (mtp1, eagle, dspark) on a tiny random target: training, checkpoints, exactness, serving.
+
+A session fixture writes greedy answers of the tiny target and trains each kind for a few dozen steps on them
+(seconds). The trained heads must then be *useful* on the sequences they were trained on (tau well above 1 through
+the engine, which proves the serving path reads features the way training does), and every head, trained or
+random, must leave greedy output identical to target-only decoding.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from training.train import main as train_main
+from workers.drafters.base import DraftRequest
+from workers.drafters.learned import LearnedDrafter, load_head, save_head
+from workers.drafters.registry import build_drafter
+from workers.engine.draft_client import InProcessDraftClient
+from workers.engine.engine import SpecEngine
+from workers.engine.remote_draft import RemoteDraftClient
+from workers.engine.sequence import Request
+from workers.models.loader import load_model
+from workers.params import SamplingParams
+from workers.servers.draft_server import serve_draft
+
+KINDS = ("mtp1", "eagle", "dspark")
+PROMPTS = ["The quick brown fox", "def add(a, b):", "Hello world", "1 + 1 = 2", "Once upon a time", "x = [1, 2,"]
+MAX_LEN = 256
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+
+@pytest.fixture(scope="module")
+def target(tiny_llama):
+    return load_model(str(tiny_llama), "fp32")
+
+
+def _engine(target, drafter, max_batch=8):
+    return SpecEngine(target, InProcessDraftClient(drafter) if drafter else None, max_batch=max_batch,
+                      max_model_len=MAX_LEN)
+
+
+def _requests(prompt_ids, k, max_tokens=30, **kw):
+    return [Request(f"r{i}", list(p), max_tokens=max_tokens, num_draft_tokens=k, ignore_eos=True, **kw)
+            for i, p in enumerate(prompt_ids)]
+
+
+@pytest.fixture(scope="module")
+def data_dir(target, tmp_path_factory):
+    """Greedy answers of the tiny target: what `specray data` writes (train and held-out rows)."""
+    d = tmp_path_factory.mktemp("data")
+    ids = [target.tokenizer.encode(p) for p in PROMPTS]
+    seqs = _engine(target, None).run(_requests(ids, 0, max_tokens=40))
+    rows = [json.dumps({"prompt_ids": p, "answer_ids": s.output_ids}) for p, s in zip(ids, seqs)]
+    (d / "train.jsonl").write_text("\n".join(rows) + "\n")
+    (d / "heldout.jsonl").write_text("\n".join(rows[:2]) + "\n")
+    return d
+
+
+def _train(tiny_llama, data_dir, out, kind, steps, *extra):
+    return train_main(["--target", str(tiny_llama), "--drafter", kind, "--data", str(data_dir), "--out", str(out),
+                       "--max-steps", str(steps), "--batch-tokens", "2048", "--eval-every", str(steps),
+                       "--target-dtype", "fp32", "--draft-vocab", "0", "--lr", "3e-3", "--block-size",
+                       "1" if kind == "mtp1" else "4", "--intermediate-size", "128", "--device", "cpu",
+                       "--no-progress", *extra])
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_llama, data_dir, tmp_path_factory):
+    out = {}
+    for kind in KINDS:
+        path = tmp_path_factory.mktemp(kind)
+        assert _train(tiny_llama, data_dir, path, kind, 40) == 0
+        out[kind] = path
+    return out
+
+
+def test_training_lowers_the_loss_and_writes_a_checkpoint(trained):
+    for kind, path in trained.items():
+        args = json.loads((path / "training_args.json").read_text())
+        assert args["steps"] == 40 and args["drafter"] == kind
+        assert {"config.json", "model.safetensors"} <= {p.name for p in path.iterdir()}
+        assert args["eval"]["acc0"] > 0.9, (kind, args["eval"])  # it learned the target's continuations
+
+
+def test_loss_decreases_within_a_few_steps(tiny_llama, data_dir, tmp_path, capsys):
+    _train(tiny_llama, data_dir, tmp_path / "a", "dspark", 2)
+    first = json.loads((tmp_path / "a" / "training_args.json").read_text())["eval"]["loss"]
+    _train(tiny_llama, data_dir, tmp_path / "b", "dspark", 15)
+    later = json.loads((tmp_path / "b" / "training_args.json").read_text())["eval"]["loss"]
+    assert later < 0.8 * first
+
+
+def test_checkpoint_round_trip(trained, target):
+    head = load_head(trained["dspark"])
+    head.attach(target.model)
+    again = trained["dspark"].parent / "copy"
+    save_head(head, again)
+    head2 = load_head(again)
+    for (k1, v1), (k2, v2) in zip(head.state_dict().items(), head2.state_dict().items()):
+        assert k1 == k2 and torch.equal(v1, v2)
+
+
+def test_resume_continues_exactly(tiny_llama, data_dir, tmp_path):
+    _train(tiny_llama, data_dir, tmp_path / "straight", "eagle", 6)
+    _train(tiny_llama, data_dir, tmp_path / "resumed", "eagle", 6, "--stop-after", "3")
+    _train(tiny_llama, data_dir, tmp_path / "resumed", "eagle", 6, "--resume")
+    a = torch.load(tmp_path / "straight" / "state" / "trainer_state.pt", weights_only=False)
+    b = torch.load(tmp_path / "resumed" / "state" / "trainer_state.pt", weights_only=False)
+    assert b["step"] == 6
+    for k in a["head"]:
+        torch.testing.assert_close(a["head"][k], b["head"][k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("k", [1, 4])
+def test_greedy_output_is_exactly_target_only(target, trained, kind, k):
+    ids = [target.tokenizer.encode(p) for p in PROMPTS]
+    ref = [s.output_ids for s in _engine(target, None).run(_requests(ids, 0))]
+    drafter = build_drafter(f"{kind}:{trained[kind]}", target, max_batch=8, max_model_len=MAX_LEN)
+    seqs = _engine(target, drafter).run(_requests(ids, k))
+    assert [s.output_ids for s in seqs] == ref
+    # trained on these very continuations, the drafter must actually be used and accepted
+    assert sum(s.num_accepted_tokens for s in seqs) > 0.5 * sum(s.num_draft_tokens for s in seqs)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_untrained_head_is_still_exact(target, tiny_llama, data_dir, tmp_path, kind):
+    _train(tiny_llama, data_dir, tmp_path, kind, 0 + 1, "--lr", "1e-9")
+    ids = [target.tokenizer.encode(p) for p in PROMPTS]
+    ref = [s.output_ids for s in _engine(target, None, max_batch=3).run(_requests(ids, 0))]
+    drafter = build_drafter(f"{kind}:{tmp_path}", target, max_batch=3, max_model_len=MAX_LEN)
+    assert [s.output_ids for s in _engine(target, drafter, max_batch=3).run(_requests(ids, 3))] == ref
+
+
+def test_confidence_is_a_probability_and_tracks_acceptance(target, trained):
+    drafter = build_drafter(f"dspark:{trained['dspark']}", target, max_batch=2, max_model_len=MAX_LEN)
+    eng = _engine(target, drafter, max_batch=2)
+    seen = []
+    orig = drafter.propose
+
+    def spy(reqs):
+        out = orig(reqs)
+        seen.extend(c for p in out for c in (p.confidence or []))
+        return out
+
+    drafter.propose = spy
+    eng.run(_requests([target.tokenizer.encode(p) for p in PROMPTS[:2]], 4))
+    assert seen and all(0.0 <= c <= 1.0 for c in seen)
+
+
+@pytest.mark.parametrize("kind", ["eagle", "dspark"])
+def test_running_ahead_continues_the_same_draft(target, trained, kind):
+    """Tokens a draft worker assumed (past the target's features) are fed as if drafted: proposing after
+    [ctx + d1 d2] gives d3 d4 of the proposal made after ctx."""
+    drafter = build_drafter(f"{kind}:{trained[kind]}", target, max_batch=2, max_model_len=MAX_LEN)
+    eng = _engine(target, drafter, max_batch=1)
+    ids = target.tokenizer.encode(PROMPTS[0])
+    (seq,) = eng.run([Request("warm", list(ids), max_tokens=5, num_draft_tokens=0, ignore_eos=True)])
+    drafter.add_sequence("s", SamplingParams())
+    ctx = list(ids) + seq.output_ids[:1]
+    from training.features import FeatureExtractor
+
+    feats, _ = FeatureExtractor(target.model, list(drafter.feature_layers))(torch.tensor([ctx]), [len(ctx)])
+    drafter.observe_target_features("s", 0, feats[0, : len(ctx) - 1])
+    full = drafter.propose([DraftRequest("s", ctx, 4)])[0].tokens
+    assert len(full) == 4
+    rest = drafter.propose([DraftRequest("s", ctx + full[:2], 2)])[0].tokens
+    assert rest == full[2:]
+
+
+def test_sampled_proposals_are_distributions_over_the_full_vocabulary(target, trained):
+    drafter = build_drafter(f"dspark:{trained['dspark']}", target, max_batch=2, max_model_len=MAX_LEN)
+    ids = [target.tokenizer.encode(p) for p in PROMPTS[:2]]
+    reqs = _requests(ids, 4, params=SamplingParams(temperature=1.0, seed=3))
+    got = []
+    orig = drafter.propose
+    drafter.propose = lambda r: got.extend(orig(r)) or got[-len(r):]
+    seqs = _engine(target, drafter, max_batch=2).run(reqs)
+    assert all(len(s.output_ids) == 30 for s in seqs)
+    probs = [p.probs for p in got if p.tokens]
+    assert probs and all(p.shape[-1] == target.vocab_size for p in probs)
+    for p in probs:
+        torch.testing.assert_close(p.sum(-1), torch.ones(p.shape[0]), atol=1e-4, rtol=0)
+
+
+def test_bare_kind_needs_a_shipped_checkpoint(target):
+    with pytest.raises(ValueError, match="no dspark drafter is shipped"):
+        build_drafter("dspark", target)
+
+
+def test_a_checkpoint_for_another_target_is_refused(trained, target, tmp_path):
+    cfg = json.loads((trained["mtp1"] / "config.json").read_text())
+    cfg["hidden_size"] += 8
+    import shutil
+
+    shutil.copytree(trained["mtp1"], tmp_path / "bad")
+    (tmp_path / "bad" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError):
+        build_drafter(f"mtp1:{tmp_path / 'bad'}", target)
+
+
+def test_remote_draft_worker_serves_a_learned_drafter_exactly(target, trained):
+    """Through the gRPC draft stream (features sent with each verdict, run-ahead on): output identical."""
+    ids = [target.tokenizer.encode(p) for p in PROMPTS[:4]]
+    ref = [s.output_ids for s in _engine(target, None, max_batch=4).run(_requests(ids, 0))]
+    head = load_head(trained["dspark"])
+    head.attach(target.model)
+    server, worker, port = serve_draft(LearnedDrafter(head, max_batch=8, max_model_len=MAX_LEN), "dspark",
+                                       ahead_blocks=1)
+    client = RemoteDraftClient(f"127.0.0.1:{port}", k=4, max_wait_s=2.0)
+    try:
+        assert client.feature_layers == tuple(head.cfg.feature_layers)
+        engine = SpecEngine(target, client, max_batch=4, max_model_len=MAX_LEN)
+        seqs = engine.run(_requests(ids, 4))
+        assert [s.output_ids for s in seqs] == ref
+        assert sum(s.num_accepted_tokens for s in seqs) > 0
+    finally:
+        client.close()
+        worker.stop()
+        server.stop(0)

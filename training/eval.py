@@ -1,0 +1,205 @@
+"""`specray eval`: how well drafters do for a target, at batch size 1, in one run.
+
+    specray eval --target smollm2-135m --draft mtp1 --draft eagle --draft dspark --prompts P.jsonl --k 7 \
+        --json eval.json --rows eval.jsonl --plot acceptance.png
+
+Every drafter (and target-only decoding, the baseline the speedups are measured against) decodes every prompt
+through the same engine the server runs, prompt-major so machine noise lands on all of them alike. Reported per
+drafter: tokens/s and speedup, tau (tokens per verification step, bonus included), acceptance per position
+(the fraction of steps whose i-th draft token was accepted), and for drafters with a confidence head the expected
+calibration error (ECE, 10 bins) of the predicted per-position acceptance against what verification decided. One
+JSONL row per (drafter, prompt) with `--rows`; `--plot` draws acceptance per position for all drafters side by
+side (needs matplotlib: `pip install matplotlib`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from workers.drafters.registry import build_drafter
+from workers.engine.draft_client import InProcessDraftClient
+from workers.engine.engine import SpecEngine
+from workers.engine.prompting import encode_prompt
+from workers.engine.sequence import Request
+from workers.models.loader import load_model
+from workers.params import SamplingParams
+
+
+class RecordingClient(InProcessDraftClient):
+    """Pairs each proposal's confidence with the verification outcome of the step it was used in."""
+
+    def __init__(self, drafter):
+        super().__init__(drafter)
+        self.last: dict[str, list[float]] = {}
+        self.pairs: list[tuple[float, int]] = []  # (predicted acceptance, accepted?) per verified position
+
+    def drafts(self, requests):
+        out = super().drafts(requests)
+        for r, p in zip(requests, out):
+            self.last[r.seq_id] = list(p.confidence or [])[: r.k]
+        return out
+
+    def verdict(self, seq_id, token_ids, num_new, feature_start, hidden) -> None:
+        conf = self.last.pop(seq_id, None)
+        if conf:
+            accepted = num_new - 1
+            for i, c in enumerate(conf[: accepted + 1]):  # positions past the first rejection were never judged
+                self.pairs.append((c, int(i < accepted)))
+        super().verdict(seq_id, token_ids, num_new, feature_start, hidden)
+
+
+def expected_calibration_error(pairs: list[tuple[float, int]], bins: int = 10) -> float | None:
+    if not pairs:
+        return None
+    conf = torch.tensor([p for p, _ in pairs])
+    hit = torch.tensor([float(y) for _, y in pairs])
+    idx = (conf * bins).long().clamp(max=bins - 1)
+    err = 0.0
+    for b in range(bins):
+        m = idx == b
+        if m.any():
+            err += float(m.float().mean()) * abs(float(conf[m].mean()) - float(hit[m].mean()))
+    return err
+
+
+def run_eval(target: str, drafts: list[str], prompts: list[dict], k: int, max_tokens: int, dtype: str = "bf16",
+             temperature: float = 0.0, chat: bool = True, rows_path: str | None = None, seed: int = 0,
+             max_model_len: int = 4096, min_confidence: float = 0.0, threads: int | None = None,
+             progress: bool = True) -> dict:
+    if threads:
+        torch.set_num_threads(threads)
+    lm = load_model(target, dtype)
+    specs = ["none"] + [d for d in drafts if d != "none"]
+    engines, clients = {}, {}
+    for spec in specs:
+        drafter = build_drafter(spec, lm, max_batch=1, max_model_len=max_model_len, min_confidence=min_confidence)
+        clients[spec] = RecordingClient(drafter) if drafter is not None else None
+        engines[spec] = SpecEngine(lm, clients[spec], max_batch=1, max_model_len=max_model_len)
+    encoded = [encode_prompt(lm.tokenizer, row["prompt"], chat) for row in prompts]
+    stats = {s: dict(tokens=0, wall=0.0, drafts=0, accepted=0, per_pos=[0] * k) for s in specs}
+    n = 0
+
+    def run_one(spec: str, ids: list[int], max_new: int):
+        nonlocal n
+        n += 1
+        params = SamplingParams(temperature=temperature, seed=seed + n) if temperature > 0 else SamplingParams()
+        req = Request(f"eval-{n}", list(ids), max_tokens=max_new, num_draft_tokens=k if spec != "none" else 0,
+                      params=params)
+        t = time.perf_counter()
+        (seq,) = engines[spec].run([req])
+        return seq, time.perf_counter() - t
+
+    for spec in specs:  # warm-up: first-call allocations stay out of the timings
+        run_one(spec, encoded[0][:32], 8)
+        if clients[spec] is not None:
+            clients[spec].pairs.clear()
+    out_rows = open(rows_path, "w") if rows_path else None
+    try:
+        for row, ids in tqdm(list(zip(prompts, encoded)), desc="eval", unit="prompt", disable=not progress):
+            for spec in specs:
+                seq, wall = run_one(spec, ids, max_tokens)
+                st = stats[spec]
+                st["tokens"] += len(seq.output_ids)
+                st["wall"] += wall
+                st["drafts"] += seq.num_drafts
+                st["accepted"] += seq.num_accepted_tokens
+                for i, a in enumerate(seq.accepted_per_pos[:k]):
+                    st["per_pos"][i] += a
+                if out_rows:
+                    out_rows.write(json.dumps({
+                        "draft": spec, "id": row.get("id"), "num_tokens": len(seq.output_ids), "wall_s": wall,
+                        "tokens_per_s": len(seq.output_ids) / wall if wall else None, "tau": seq.tau,
+                        "num_drafts": seq.num_drafts, "num_accepted_tokens": seq.num_accepted_tokens,
+                        "accepted_per_pos": seq.accepted_per_pos}) + "\n")
+    finally:
+        if out_rows:
+            out_rows.close()
+    base = stats["none"]["tokens"] / stats["none"]["wall"]
+    result = {"target": target, "dtype": dtype, "k": k, "temperature": temperature, "max_tokens": max_tokens,
+              "num_prompts": len(prompts), "threads": torch.get_num_threads(), "drafters": {}}
+    for spec in specs:
+        st = stats[spec]
+        tps = st["tokens"] / st["wall"]
+        r = {"tokens_per_s": round(tps, 2), "speedup": round(tps / base, 3), "tokens": st["tokens"],
+             "wall_s": round(st["wall"], 2)}
+        if st["drafts"]:
+            r["tau"] = round(1 + st["accepted"] / st["drafts"], 3)
+            r["acceptance_per_pos"] = [round(a / st["drafts"], 3) for a in st["per_pos"]]
+            r["num_drafts"] = st["drafts"]
+        elif spec == "none":
+            r["tau"] = 1.0
+        c = clients[spec]
+        if c is not None and c.pairs:
+            r["calibration_ece"] = round(expected_calibration_error(c.pairs), 4)
+            r["mean_confidence"] = round(sum(p for p, _ in c.pairs) / len(c.pairs), 4)
+            r["judged_positions"] = len(c.pairs)
+        result["drafters"][spec] = r
+    return result
+
+
+def plot_acceptance(result: dict, path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ValueError("--plot needs matplotlib: pip install matplotlib") from None
+    rows = {n: r["acceptance_per_pos"] for n, r in result["drafters"].items() if "acceptance_per_pos" in r}
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / max(len(rows), 1)
+    for j, (name, acc) in enumerate(rows.items()):
+        xs = [i + 1 + (j - (len(rows) - 1) / 2) * width for i in range(len(acc))]
+        ax.bar(xs, acc, width=width, label=f"{name} (tau {result['drafters'][name]['tau']})")
+    ax.set_xlabel("draft position")
+    ax.set_ylabel("fraction of steps accepted")
+    ax.set_title(f"acceptance per position, {Path(str(result['target'])).name}, k={result['k']}")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def run_eval_cmd(args) -> int:
+    from bench.prompts import load_prompts
+
+    if args.k < 1:
+        raise ValueError("--k must be at least 1")
+    rows = load_prompts(args.prompts)[: args.limit]
+    result = run_eval(args.target, args.draft, rows, args.k, args.max_tokens, dtype=args.dtype,
+                      temperature=args.temperature, chat=not args.no_chat, rows_path=args.rows, seed=args.seed,
+                      min_confidence=args.min_confidence, threads=args.threads)
+    text = json.dumps(result, indent=2)
+    if args.json_out:
+        Path(args.json_out).write_text(text + "\n")
+    if args.plot:
+        plot_acceptance(result, args.plot)
+    print(text)
+    return 0
+
+
+def add_eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="tau, acceptance per position, calibration and speed of drafters (batch 1)")
+    p.add_argument("--target", default="smollm2-135m")
+    p.add_argument("--draft", action="append", required=True,
+                   help="KIND:PATH, a shipped KIND (mtp1, eagle, dspark), ngram or model:PATH; repeatable")
+    p.add_argument("--prompts", required=True, help="JSONL prompt file ({'id', 'prompt'} rows)")
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--k", type=int, default=7, help="draft tokens per step (mtp1 always drafts 1)")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--min-confidence", type=float, default=0.0,
+                   help="dspark: end a block where the predicted survival falls below this (0: never)")
+    p.add_argument("--no-chat", action="store_true", help="feed prompts raw instead of through the chat template")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", dest="json_out", help="write the summary here")
+    p.add_argument("--rows", help="write one JSONL row per (drafter, prompt) here")
+    p.add_argument("--plot", help="draw acceptance per position to this PNG")
+    p.set_defaults(func=run_eval_cmd)

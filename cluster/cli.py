@@ -119,6 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-batch", type=int, default=None)
     s.add_argument("--in-process", action="store_true",
                    help="no Ray: one process runs the router, the engine and the drafter")
+
+    # the draft-training toolkit (training/): each module registers its own subcommand
+    from training.data import add_data_parser
+    from training.eval import add_eval_parser
+    from training.train import add_train_parser
+
+    add_data_parser(sub)
+    add_train_parser(sub)
+    add_eval_parser(sub)
     return parser
 
 
@@ -271,7 +280,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             return {"offline": cmd_bench_offline, "serve": cmd_bench_serve, "disagg": cmd_bench_disagg,
                     "draft-rtt": cmd_bench_draft_rtt}[args.bench](args)
-        return handlers[args.command](args)
+        if args.command in handlers:
+            return handlers[args.command](args)
+        return args.func(args)
     except (ModelNotFound, ValueError, FileNotFoundError, ValidationError) as e:
         print(f"specray: error: {e}", file=sys.stderr)
         return 2

@@ -61,15 +61,17 @@ def feature_layers(spec: str, num_layers: int) -> list[int]:
     return out
 
 
-def read_rows(path: Path, max_len: int) -> list[tuple[list[int], int]]:
-    """(prompt + answer ids truncated to max_len, prompt length) per row with at least 3 answer tokens."""
+def read_rows(path: Path, max_len: int, eos: int | None = None) -> list[tuple[list[int], int]]:
+    """(prompt + answer ids truncated to max_len, prompt length) per row with at least 3 answer tokens. Answers
+    that ended on EOS (`finish == "stop"`) get it back, so the drafter learns where the target stops."""
     rows = []
     with path.open(encoding="utf-8") as f:
         for line in f:
             if not line.strip():
                 continue
             r = json.loads(line)
-            ids = (list(r["prompt_ids"]) + list(r["answer_ids"]))[:max_len]
+            tail = [eos] if eos is not None and r.get("finish") == "stop" else []
+            ids = (list(r["prompt_ids"]) + list(r["answer_ids"]) + tail)[:max_len]
             if len(ids) - len(r["prompt_ids"]) >= 3:
                 rows.append((ids, len(r["prompt_ids"])))
     return rows
@@ -156,12 +158,14 @@ def train(args) -> dict:
     data = Path(args.data)
     if not (data / "train.jsonl").is_file():
         raise ValueError(f"{data} has no train.jsonl; make one with `specray data --out {data}`")
-    rows = read_rows(data / "train.jsonl", args.max_len)
-    held = read_rows(data / "heldout.jsonl", args.max_len) if (data / "heldout.jsonl").is_file() else []
+    tdtype = "bf16" if args.target_dtype == "bf16" else "fp32"
+    lm = load_model(args.target, tdtype, device=str(device))
+    target = lm.model.eval()
+    eos = lm.eos_token_ids[0] if lm.eos_token_ids else None
+    rows = read_rows(data / "train.jsonl", args.max_len, eos)
+    held = read_rows(data / "heldout.jsonl", args.max_len, eos) if (data / "heldout.jsonl").is_file() else []
     if not rows:
         raise ValueError(f"{data}/train.jsonl has no usable rows (each needs at least 3 answer tokens)")
-    tdtype = "bf16" if args.target_dtype == "bf16" else "fp32"
-    target = load_model(args.target, tdtype, device=str(device)).model.eval()
     for p in target.parameters():
         p.requires_grad_(False)
 

@@ -6,7 +6,7 @@
 #   DEVICE=cuda bash training/recipes/smollm2-135m.sh OUT_DIR     # one GPU (about 8 minutes)
 #
 # Knobs (environment): TARGET (default smollm2-135m: a name, .gguf, or HF directory), DEVICE (cpu|cuda),
-# KINDS (default "mtp1 eagle dspark"), DATA_S (seconds of answer generation), TRAIN_MIN (minutes per drafter),
+# KINDS (default "mtp1 eagle dspark"), PROMPTS (a prompt file to use instead of the built-in corpus), DATA_S (seconds of answer generation), TRAIN_MIN (minutes per drafter),
 # SPECRAY (how to call the CLI; default `specray`).
 set -euo pipefail
 OUT=${1:?usage: smollm2-135m.sh OUT_DIR}
@@ -25,6 +25,7 @@ else
   TRAIN_ARGS="--batch-tokens 32768 --epochs 50 --eval-every 100"
   PARALLEL=1  # the heads are small: three trainings share one GPU
 fi
+if [ -n "${PROMPTS:-}" ]; then DATA_ARGS="$DATA_ARGS --prompts $PROMPTS --builtin 0"; fi
 mkdir -p "$OUT"
 if [ ! -f "$OUT/data/train.jsonl" ]; then
   $SPECRAY data --target "$TARGET" --device "$DEVICE" --dtype bf16 $DATA_ARGS --max-new-tokens 256 \

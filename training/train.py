@@ -136,6 +136,15 @@ def build_head(args, target, rows) -> DraftHead:
     return head
 
 
+def _ray_worker() -> bool:
+    try:
+        from ray import train as ray_train
+
+        return ray_train.get_context().get_world_size() > 0
+    except Exception:
+        return False
+
+
 def _setup_distributed() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():  # Ray Train set it up
         return dist.get_rank(), dist.get_world_size()
@@ -291,8 +300,8 @@ def train(args) -> dict:
                 break
         epoch += 1
     bar.close()
-    if world > 1 and not (dist.is_initialized() and os.environ.get("SPECRAY_RAY_TRAIN")):
-        dist.destroy_process_group()
+    if world > 1 and os.environ.get("WORLD_SIZE") and not _ray_worker():
+        dist.destroy_process_group()  # torchrun's group is ours to close; Ray Train closes its own
     size = (out / "model.safetensors").stat().st_size if (out / "model.safetensors").exists() else 0
     return {"drafter": args.drafter, "steps": step, "train_s": round(time.time() - t0, 1), "params": n_params,
             "checkpoint_bytes": size, "out": str(out), "eval": history[-1] if history else None}
@@ -354,7 +363,14 @@ def add_train_parser(sub) -> None:
 
 
 def main(argv=None) -> int:
+    """`python -m training.train ARGS` (what torchrun launches) = `specray train ARGS`."""
     parser = argparse.ArgumentParser(prog="specray")
     add_train_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["train", *(argv or [])])
     return args.func(args)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))

@@ -221,3 +221,71 @@ def test_remote_draft_worker_serves_a_learned_drafter_exactly(target, trained):
         client.close()
         worker.stop()
         server.stop(0)
+
+
+@pytest.mark.slow
+def test_data_parallel_training_with_torchrun(tiny_llama, data_dir, tmp_path):
+    """Two gloo ranks under torchrun: both step, rank 0 writes one checkpoint, and it is a working drafter."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29561",
+           "-m", "training.train", "--target", str(tiny_llama), "--drafter", "mtp1", "--data", str(data_dir),
+           "--out", str(tmp_path / "ddp"), "--max-steps", "4", "--eval-every", "4", "--batch-tokens", "512",
+           "--target-dtype", "fp32", "--draft-vocab", "0", "--intermediate-size", "64", "--device", "cpu",
+           "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.getcwd())
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    args = json.loads((tmp_path / "ddp" / "training_args.json").read_text())
+    assert args["steps"] == 4
+    load_head(tmp_path / "ddp")
+
+
+@pytest.mark.slow
+def test_training_on_ray_train(tiny_llama, data_dir, tmp_path, monkeypatch):
+    """`--ray-workers 2`: Ray Train runs the same loop on two workers and rank 0 writes the checkpoint."""
+    import ray
+
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    try:
+        assert _train(tiny_llama, data_dir, tmp_path / "ray", "mtp1", 4, "--ray-workers", "2") == 0
+    finally:
+        ray.shutdown()
+    assert json.loads((tmp_path / "ray" / "training_args.json").read_text())["steps"] == 4
+    load_head(tmp_path / "ray")
+
+
+def test_expected_calibration_error():
+    from training.eval import expected_calibration_error
+
+    g = torch.Generator().manual_seed(0)
+    conf = torch.rand(20000, generator=g)
+    calibrated = [(float(c), int(u < c)) for c, u in zip(conf, torch.rand(20000, generator=g))]
+    overconfident = [(min(1.0, float(c) + 0.3), y) for c, y in calibrated]  # negative control
+    assert expected_calibration_error(calibrated) < 0.02
+    assert expected_calibration_error(overconfident) > 0.2
+    assert expected_calibration_error([]) is None
+
+
+def test_eval_command_reports_every_drafter_and_plots(target, trained, tiny_llama, tmp_path, capsys):
+    from cluster.cli import main as cli
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"id": f"p{i}", "prompt": p}) for i, p in enumerate(PROMPTS[:3])))
+    rc = cli(["eval", "--target", str(tiny_llama), "--dtype", "fp32", "--draft", f"mtp1:{trained['mtp1']}",
+              "--draft", f"dspark:{trained['dspark']}", "--prompts", str(prompts), "--k", "4", "--max-tokens", "12",
+              "--no-chat", "--json", str(tmp_path / "e.json"), "--rows", str(tmp_path / "r.jsonl"),
+              "--plot", str(tmp_path / "a.png")])
+    assert rc == 0
+    res = json.loads((tmp_path / "e.json").read_text())
+    d = res["drafters"]
+    assert set(d) == {"none", f"mtp1:{trained['mtp1']}", f"dspark:{trained['dspark']}"}
+    assert d["none"]["speedup"] == 1.0 and d["none"]["tau"] == 1.0
+    dspark = d[f"dspark:{trained['dspark']}"]
+    assert len(dspark["acceptance_per_pos"]) == 4 and 0 <= dspark["calibration_ece"] <= 1
+    assert d[f"mtp1:{trained['mtp1']}"]["acceptance_per_pos"][1:] == [0.0, 0.0, 0.0]  # mtp1 drafts one token
+    rows = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert len(rows) == 9 and {r["draft"] for r in rows} == set(d)
+    assert (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -118,15 +118,15 @@ def draft_vocabulary(rows, size: int, vocab_size: int) -> torch.Tensor:
     return torch.tensor(sorted(top))
 
 
-def build_head(args, target, rows) -> DraftHead:
+def build_head(args, target, rows, kind: str) -> DraftHead:
     a = target.args
-    d = DEFAULTS[args.drafter]
+    d = DEFAULTS[kind]
     cfg = HeadConfig(
-        kind=args.drafter, hidden_size=a.hidden_size, vocab_size=a.vocab_size,
+        kind=kind, hidden_size=a.hidden_size, vocab_size=a.vocab_size,
         feature_layers=feature_layers(args.feature_layers or d["features"], a.num_layers),
         num_layers=args.head_layers or d["num_layers"], num_heads=a.num_heads, num_kv_heads=a.num_kv_heads,
         head_dim=a.head_dim, intermediate_size=args.intermediate_size or d["intermediate_size"],
-        block_size=args.block_size or d["block_size"], draft_vocab_size=min(args.draft_vocab, a.vocab_size),
+        block_size=1 if kind == "mtp1" else (args.block_size or d["block_size"]), draft_vocab_size=min(args.draft_vocab, a.vocab_size),
         rms_norm_eps=a.rms_norm_eps, target=args.target,
     )
     head = DraftHead(cfg)
@@ -157,9 +157,59 @@ def _setup_distributed() -> tuple[int, int]:
     return 0, 1
 
 
+class _Trainee:
+    """One drafter being trained: its head, objective (DDP-wrapped when distributed), optimizer and checkpoints."""
+
+    def __init__(self, args, kind: str, out: Path, target, rows, device, world: int, union: list[int]):
+        self.kind, self.out = kind, out
+        self.state_path = out / "state" / "trainer_state.pt"
+        self.head = build_head(args, target, rows, kind)
+        self.resume = None
+        if args.resume and self.state_path.is_file():
+            self.resume = torch.load(self.state_path, map_location="cpu", weights_only=False)
+            self.head.set_draft_vocab(self.resume["head"]["draft_vocab"])
+            self.head.load_state_dict(self.resume["head"])
+        self.head.to(device).train()
+        self.head.attach(target)
+        self.objective = DraftObjective(self.head, anchors_per_seq=args.anchors, decay=args.decay,
+                                        tv_weight=args.tv_weight).to(device)
+        self.model = self.objective
+        if world > 1:
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                self.objective, device_ids=[device.index] if device.type == "cuda" else None)
+        self.params = [p for p in self.head.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+        if self.resume is not None:
+            self.opt.load_state_dict(self.resume["optimizer"])
+        d = target.args.hidden_size
+        # columns of the shared feature tensor this drafter reads, in its own layer order
+        self.columns = torch.cat([torch.arange(union.index(x) * d, (union.index(x) + 1) * d)
+                                  for x in self.head.cfg.feature_layers]).to(device)
+        self.n_params = sum(p.numel() for p in self.head.parameters())
+        self.history: list[dict] = []
+        self.last_stats: dict = {}
+
+    def features(self, feats: torch.Tensor) -> torch.Tensor:
+        return feats.index_select(-1, self.columns)
+
+    def save(self, meta: dict, step: int, elapsed: float) -> None:
+        save_head(self.head, self.out, dict(meta, drafter=self.kind, steps=step, elapsed_s=round(elapsed, 1),
+                                           params=self.n_params, eval=self.history[-1] if self.history else None))
+        self.state_path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"head": self.head.state_dict(), "optimizer": self.opt.state_dict(), "step": step,
+                    "elapsed_s": elapsed, "rng": torch.get_rng_state()}, self.state_path)
+
+
 def train(args) -> dict:
+    """Train every drafter in `args.drafter` (a comma list) on the same batches: the target's forward pass, the
+    expensive part on a CPU, is shared by all of them. One kind writes to --out; several to --out/KIND."""
     from workers.models.loader import load_model
 
+    kinds = [k.strip() for k in str(args.drafter).split(",") if k.strip()]
+    bad = [k for k in kinds if k not in KINDS]
+    if bad or not kinds or len(set(kinds)) != len(kinds):
+        raise ValueError(f"--drafter: expected one or more of {', '.join(KINDS)} (comma separated), got "
+                         f"{args.drafter!r}")
     rank, world = _setup_distributed()
     device = torch.device(args.device if args.device != "cuda" or world == 1 else f"cuda:{torch.cuda.current_device()}")
     torch.manual_seed(args.seed)
@@ -179,21 +229,14 @@ def train(args) -> dict:
         p.requires_grad_(False)
 
     out = Path(args.out)
-    state_path = out / "state" / "trainer_state.pt"
-    head = build_head(args, target, rows)
-    resume = torch.load(state_path, map_location="cpu", weights_only=False) if args.resume and state_path.is_file() else None
-    if resume is not None:
-        head.set_draft_vocab(resume["head"]["draft_vocab"])
-        head.load_state_dict(resume["head"])
-    head.to(device).train()
-    head.attach(target)
-    objective = DraftObjective(head, anchors_per_seq=args.anchors, decay=args.decay, tv_weight=args.tv_weight).to(device)
-    model = objective
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
-    extractor = FeatureExtractor(target, head.cfg.feature_layers)
-    params = [p for p in head.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+    union: list[int] = []
+    for kind in kinds:
+        for layer in feature_layers(args.feature_layers or DEFAULTS[kind]["features"], target.args.num_layers):
+            if layer not in union:
+                union.append(layer)
+    trainees = [_Trainee(args, kind, out if len(kinds) == 1 else out / kind, target, rows, device, world, union)
+                for kind in kinds]
+    extractor = FeatureExtractor(target, union)
     batches = make_batches(rows, args.batch_tokens, args.seed)
     steps_per_epoch = max(len(batches) // world, 1)
     total_steps = args.max_steps or steps_per_epoch * args.epochs
@@ -208,58 +251,55 @@ def train(args) -> dict:
         return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
 
     step, elapsed_before = 0, 0.0
-    if resume is not None:
-        opt.load_state_dict(resume["optimizer"])
-        step, elapsed_before = resume["step"], resume.get("elapsed_s", 0.0)
-        torch.set_rng_state(resume["rng"])
+    first = trainees[0].resume
+    if first is not None:
+        step, elapsed_before = first["step"], first.get("elapsed_s", 0.0)
+        torch.set_rng_state(first["rng"])
     cache = None
     if args.feature_cache:
         cache = FeatureCache(args.feature_cache, extractor, sum(len(r[0]) for r in rows))
-    amp = device.type == "cuda" or os.environ.get("SPECRAY_CPU_AMP") == "1"
+    amp = args.amp if args.amp is not None else tdtype == "bf16"  # bf16 autocast (AMX on CPUs that have it)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else _null()
-    n_params = sum(p.numel() for p in head.parameters())
     train_args = {k: v for k, v in vars(args).items() if k != "func"}
-    history = []
     t0 = time.time() - elapsed_before
-    bar = tqdm(total=total_steps, initial=step, desc=f"train {args.drafter}", disable=rank != 0 or not args.progress,
-               dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=step, desc=f"train {','.join(kinds)}", dynamic_ncols=True,
+               disable=rank != 0 or not args.progress)
 
-    def evaluate() -> dict:
-        head.eval()
+    def logp_for(tr: _Trainee):
+        return lambda h: extractor.target_log_probs(h, tr.head.draft_vocab)
+
+    def evaluate() -> None:
         g = torch.Generator(device=device)
-        g.manual_seed(1234)
-        agg: dict[str, float] = {}
+        agg = [dict() for _ in trainees]
         n = 0
         with torch.no_grad():
-            for bi, idx in enumerate(make_batches(held, args.batch_tokens, 0)[: args.eval_batches]):
+            for idx in make_batches(held, args.batch_tokens, 0)[: args.eval_batches]:
                 tokens, lengths, plens = collate(held, idx, device)
                 feats, last = extractor(tokens, lengths.tolist())
-                with autocast:
-                    s = objective(tokens, lengths, plens, feats, last, extractor_logp, generator=g)
-                for key in ("loss", "acc0", "sim_tau"):
-                    agg[key] = agg.get(key, 0.0) + float(s[key])
-                if "acc_per_pos" in s:
-                    agg.setdefault("acc_per_pos", torch.zeros_like(s["acc_per_pos"]))
-                    agg["acc_per_pos"] += s["acc_per_pos"]
                 n += 1
-        head.train()
+                for tr, a in zip(trainees, agg):
+                    tr.head.eval()
+                    g.manual_seed(1234 + n)
+                    with autocast:
+                        s = tr.objective(tokens, lengths, plens, tr.features(feats), last, logp_for(tr), generator=g)
+                    for key in ("loss", "acc0", "sim_tau"):
+                        a[key] = a.get(key, 0.0) + float(s[key])
+                    if "acc_per_pos" in s:
+                        a["acc_per_pos"] = a.get("acc_per_pos", 0) + s["acc_per_pos"].float().cpu()
+                    tr.head.train()
         if not n:
-            return {}
-        res = {k: (v / n).tolist() if torch.is_tensor(v) else v / n for k, v in agg.items()}
-        return {k: [round(x, 4) for x in v] if isinstance(v, list) else round(v, 4) for k, v in res.items()}
-
-    def extractor_logp(h):
-        return extractor.target_log_probs(h, head.draft_vocab)
-
-    def save(final: bool = False) -> None:
-        if rank != 0:
             return
-        meta = dict(train_args, steps=step, elapsed_s=round(time.time() - t0, 1), params=n_params,
-                    eval=history[-1] if history else None)
-        save_head(head, out, meta)
-        state_path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"head": head.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                    "elapsed_s": time.time() - t0, "rng": torch.get_rng_state()}, state_path)
+        for tr, a in zip(trainees, agg):
+            res = {k: [round(x / n, 4) for x in v.tolist()] if torch.is_tensor(v) else round(v / n, 4)
+                   for k, v in a.items()}
+            tr.history.append(dict(res, step=step, elapsed_s=round(time.time() - t0, 1)))
+            if rank == 0:
+                tqdm.write(json.dumps({"eval": tr.kind, **tr.history[-1]}))
+
+    def save() -> None:
+        if rank == 0:
+            for tr in trainees:
+                tr.save(train_args, step, time.time() - t0)
 
     epoch = step // steps_per_epoch
     start_step = step
@@ -269,31 +309,28 @@ def train(args) -> dict:
         for bi in range(step % steps_per_epoch, len(order)):
             idx = order[bi]
             tokens, lengths, plens = collate(rows, idx, device)
-            for grp in opt.param_groups:
-                grp["lr"] = lr_at(step)
             if cache is not None:  # the target runs in its own dtype, outside autocast
                 feats, last = cache.get(idx[0], tokens, lengths.tolist())
             else:
                 feats, last = extractor(tokens, lengths.tolist())
-            with autocast:
-                s = model(tokens, lengths, plens, feats, last, extractor_logp)
-            opt.zero_grad(set_to_none=True)
-            s["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
+            for tr in trainees:
+                for grp in tr.opt.param_groups:
+                    grp["lr"] = lr_at(step)
+                with autocast:
+                    s = tr.model(tokens, lengths, plens, tr.features(feats), last, logp_for(tr))
+                tr.opt.zero_grad(set_to_none=True)
+                s["loss"].backward()
+                torch.nn.utils.clip_grad_norm_(tr.params, 1.0)
+                tr.opt.step()
+                tr.last_stats = {"loss": float(s["loss"].detach()), "tau": float(s["sim_tau"])}
             step += 1
             bar.update(1)
             if step % 10 == 0:
-                bar.set_postfix(loss=f"{float(s['loss'].detach()):.3f}", acc0=f"{float(s['acc0']):.3f}",
-                                tau=f"{float(s['sim_tau']):.2f}")
+                bar.set_postfix({f"{tr.kind}_tau": f"{tr.last_stats['tau']:.2f}" for tr in trainees})
             out_of_time = bool(args.time_budget_min and time.time() - t0 > args.time_budget_min * 60) or (
                 args.stop_after > 0 and step - start_step >= args.stop_after)
             if step % args.eval_every == 0 or step >= total_steps or out_of_time:
-                ev = evaluate()
-                if ev:
-                    history.append(dict(ev, step=step, elapsed_s=round(time.time() - t0, 1)))
-                    if rank == 0:
-                        tqdm.write(json.dumps({"eval": history[-1]}))
+                evaluate()
                 save()
             if step >= total_steps or out_of_time:
                 stop = True
@@ -302,9 +339,13 @@ def train(args) -> dict:
     bar.close()
     if world > 1 and os.environ.get("WORLD_SIZE") and not _ray_worker():
         dist.destroy_process_group()  # torchrun's group is ours to close; Ray Train closes its own
-    size = (out / "model.safetensors").stat().st_size if (out / "model.safetensors").exists() else 0
-    return {"drafter": args.drafter, "steps": step, "train_s": round(time.time() - t0, 1), "params": n_params,
-            "checkpoint_bytes": size, "out": str(out), "eval": history[-1] if history else None}
+    results = []
+    for tr in trainees:
+        f = tr.out / "model.safetensors"
+        results.append({"drafter": tr.kind, "steps": step, "train_s": round(time.time() - t0, 1), "params": tr.n_params,
+                        "checkpoint_bytes": f.stat().st_size if f.exists() else 0, "out": str(tr.out),
+                        "eval": tr.history[-1] if tr.history else None})
+    return results[0] if len(results) == 1 else {"drafters": results}
 
 
 class _null:
@@ -329,7 +370,9 @@ def run_train(args) -> int:
 def add_train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a learned drafter (mtp1, eagle, dspark) on data from `specray data`")
     p.add_argument("--target", default="smollm2-135m")
-    p.add_argument("--drafter", required=True, choices=KINDS)
+    p.add_argument("--drafter", required=True,
+                   help="mtp1, eagle, dspark, or several comma separated (trained together on shared target "
+                        "features, each into --out/KIND)")
     p.add_argument("--data", required=True, help="directory written by `specray data`")
     p.add_argument("--out", required=True, help="checkpoint directory")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -357,6 +400,9 @@ def add_train_parser(sub) -> None:
     p.add_argument("--stop-after", type=int, default=0,
                    help="checkpoint and stop after this many steps of this run (continue later with --resume)")
     p.add_argument("--ray-workers", type=int, default=0, help="data-parallel workers on a Ray cluster (Ray Train)")
+    p.add_argument("--amp", dest="amp", action="store_true", default=None,
+                   help="bf16 autocast for the drafter (default: on when the target runs in bf16)")
+    p.add_argument("--no-amp", dest="amp", action="store_false")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=run_train)

@@ -289,3 +289,16 @@ def test_eval_command_reports_every_drafter_and_plots(target, trained, tiny_llam
     rows = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
     assert len(rows) == 9 and {r["draft"] for r in rows} == set(d)
     assert (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_several_drafters_train_together_on_shared_features(tiny_llama, data_dir, tmp_path, target):
+    assert train_main(["--target", str(tiny_llama), "--drafter", "mtp1,dspark", "--data", str(data_dir), "--out",
+                       str(tmp_path), "--max-steps", "3", "--eval-every", "3", "--batch-tokens", "2048",
+                       "--target-dtype", "fp32", "--draft-vocab", "0", "--intermediate-size", "64",
+                       "--block-size", "4", "--device", "cpu", "--no-progress"]) == 0
+    for kind in ("mtp1", "dspark"):
+        args = json.loads((tmp_path / kind / "training_args.json").read_text())
+        assert args["drafter"] == kind and args["steps"] == 3 and args["eval"] is not None
+        assert build_drafter(f"{kind}:{tmp_path / kind}", target).kind == kind
+    with pytest.raises(ValueError, match="expected one or more"):
+        train_main(["--drafter", "mtp1,medusa", "--data", str(data_dir), "--out", str(tmp_path / "x")])

@@ -45,7 +45,8 @@ class TargetPoolConfig(PoolScaling):
 
 
 class DraftPoolConfig(PoolScaling):
-    drafter: str = Field("ngram", description="none | ngram[:N] | model:PATH | KIND:PATH")
+    drafter: str = Field("ngram", description="none | ngram[:N] | model:PATH | mtp1|eagle|dspark[:PATH] (no PATH: "
+                         "the drafter shipped for the target)")
     dtype: str = Field("fp32", pattern="^(fp32|bf16|fp16)$")
     max_sequences: int = Field(256, ge=1, description="sequences one draft replica serves at once")
     max_model_sequences: int = Field(16, ge=1, description="cap for drafters with a KV cache (model, learned): "

@@ -29,3 +29,20 @@ def test_generate_default_model_greedy_lossless(tmp_path):
         assert a["token_ids"] == b["token_ids"]
         assert len(a["text"]) > 10
     assert sum(r["num_drafts"] for r in outs["ngram"]) > 0
+
+
+def test_shipped_learned_drafters_are_lossless_and_accepted(tmp_path):
+    """The drafters shipped for smollm2-135m, selected by bare name: fp32 greedy output equals target-only output,
+    and each gets draft tokens accepted on a prompt it was not trained on (a bench prompt)."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"id": "chat", "prompt": "Explain to a ten-year-old why the sky is blue."}\n')
+    outs = {}
+    for draft in ("none", "mtp1", "eagle", "dspark"):
+        out = tmp_path / f"{draft}.jsonl"
+        rc = main(["generate", "--target", "smollm2-135m", "--dtype", "fp32", "--draft", draft, "--k", "5",
+                   "--prompts", str(prompts), "--chat", "--max-tokens", "40", "--json", str(out)])
+        assert rc == 0
+        outs[draft] = json.loads(out.read_text().splitlines()[0])
+    for draft in ("mtp1", "eagle", "dspark"):
+        assert outs[draft]["token_ids"] == outs["none"]["token_ids"], draft
+        assert outs[draft]["num_accepted_tokens"] > 0, (draft, outs[draft])

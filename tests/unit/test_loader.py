@@ -351,6 +351,8 @@ def test_a_changed_gguf_file_is_converted_again(gguf_files, tmp_path):
     ("eagle:ckpt/eagle", ("eagle", "ckpt/eagle")),
     ("dspark:ckpt", ("dspark", "ckpt")),
     ("mtp1:ckpt", ("mtp1", "ckpt")),
+    ("eagle", ("eagle", None)),  # a bare kind: the drafter shipped for the target
+    ("dspark:", ("dspark", None)),
 ])
 def test_parse_draft_spec(spec, expected):
     assert parse_draft_spec(spec) == expected
@@ -359,9 +361,7 @@ def test_parse_draft_spec(spec, expected):
 @pytest.mark.parametrize("spec,match", [
     ("model", "model needs a path: model:PATH"),
     ("model:", "model needs a path"),
-    ("eagle", "eagle needs a checkpoint: eagle:PATH"),
-    ("dspark:", "dspark needs a checkpoint"),
-    ("medusa:x", r"unknown draft 'medusa:x'.*none, ngram\[:N\], model:PATH"),
+    ("medusa:x", r"unknown draft 'medusa:x'.*none, ngram\[:N\], model:PATH or one of mtp1\[:PATH\]"),
     ("fast", "unknown draft 'fast'"),
 ])
 def test_parse_draft_spec_errors(spec, match):
@@ -381,7 +381,8 @@ def test_build_drafter(tiny, tiny_draft):
 
 @pytest.mark.parametrize("spec,match", [
     ("ngram:x", "ngram size must be an integer, got 'x'"),
-    ("eagle:/nowhere", "drafter kind 'eagle' is not available"),
+    ("eagle:/nowhere", "/nowhere is not a drafter checkpoint"),
+    ("eagle", "no eagle drafter is shipped for target"),
     ("model:/no/such/dir", "cannot find model"),
 ])
 def test_build_drafter_errors(tiny, spec, match):

@@ -161,7 +161,7 @@ class LearnedDrafter(Drafter):
         for ctx, st, a in zip(contexts, states, anchors):
             target_next = ctx[1 : a + 2]  # token at t + 1 for t = 0 .. a
             keep = _common_prefix(st.cached_next, target_next)
-            if keep == a + 1 and st.anchor_out is not None:
+            if keep == a + 1 == len(st.cached_next) and st.anchor_out is not None:
                 feeds.append(None)
                 continue
             keep = min(keep, a)  # re-run at least the anchor to get its output

@@ -305,7 +305,10 @@ def train(args) -> dict:
     start_step = step
     stop = False
     while step < total_steps and not stop:
-        order = make_batches(rows, args.batch_tokens, args.seed + epoch)[rank::world]
+        # every rank takes the same number of batches (every world-th, wrapping around when there are fewer
+        # batches than ranks), or DDP's gradient all-reduce would wait forever
+        every = make_batches(rows, args.batch_tokens, args.seed + epoch)
+        order = [every[(rank + world * i) % len(every)] for i in range(steps_per_epoch)]
         for bi in range(step % steps_per_epoch, len(order)):
             idx = order[bi]
             tokens, lengths, plens = collate(rows, idx, device)

@@ -230,14 +230,27 @@ def test_data_parallel_training_with_torchrun(tiny_llama, data_dir, tmp_path):
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29561",
+    import signal
+    import socket
+
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
            "-m", "training.train", "--target", str(tiny_llama), "--drafter", "mtp1", "--data", str(data_dir),
            "--out", str(tmp_path / "ddp"), "--max-steps", "4", "--eval-every", "4", "--batch-tokens", "512",
            "--target-dtype", "fp32", "--draft-vocab", "0", "--intermediate-size", "64", "--device", "cpu",
            "--no-progress"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.getcwd())
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:  # a hang: stop the launcher and both ranks, not just the launcher
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, err[-2000:]
     args = json.loads((tmp_path / "ddp" / "training_args.json").read_text())
     assert args["steps"] == 4
     load_head(tmp_path / "ddp")

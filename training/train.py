@@ -18,6 +18,7 @@ batch and DDP averages gradients; `--ray-workers N` does the same on a Ray clust
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -259,7 +260,7 @@ def train(args) -> dict:
     if args.feature_cache:
         cache = FeatureCache(args.feature_cache, extractor, sum(len(r[0]) for r in rows))
     amp = args.amp if args.amp is not None else tdtype == "bf16"  # bf16 autocast (AMX on CPUs that have it)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else _null()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
     train_args = {k: v for k, v in vars(args).items() if k != "func"}
     t0 = time.time() - elapsed_before
     bar = tqdm(total=total_steps, initial=step, desc=f"train {','.join(kinds)}", dynamic_ncols=True,
@@ -349,14 +350,6 @@ def train(args) -> dict:
                         "checkpoint_bytes": f.stat().st_size if f.exists() else 0, "out": str(tr.out),
                         "eval": tr.history[-1] if tr.history else None})
     return results[0] if len(results) == 1 else {"drafters": results}
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def run_train(args) -> int:

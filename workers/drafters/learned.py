@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from workers.drafters.base import DraftProposal, DraftRequest, Drafter
 from workers.drafters.head import DraftHead, HeadConfig
+from workers.drafters.model import _common_prefix
 from workers.params import SamplingParams
 from workers.verify.sampling import filter_logits_to_probs, sample_from_probs
 
@@ -160,7 +161,7 @@ class LearnedDrafter(Drafter):
         feeds = []
         for ctx, st, a in zip(contexts, states, anchors):
             target_next = ctx[1 : a + 2]  # token at t + 1 for t = 0 .. a
-            keep = _common_prefix(st.cached_next, target_next)
+            keep = _common_prefix(st.cached_next, target_next, limit=len(target_next))
             if keep == a + 1 == len(st.cached_next) and st.anchor_out is not None:
                 feeds.append(None)
                 continue
@@ -303,11 +304,3 @@ class LearnedDrafter(Drafter):
             if not s.params.greedy:
                 probs_out[row].append(full[row])
         return vocab.cpu()[idx].tolist()
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i

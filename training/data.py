@@ -401,12 +401,26 @@ def collect_prompts(args, file_rows: list[dict], answer) -> list[dict]:
     return prompts
 
 
-def _split_rows(prompts: list[dict], answers: dict[str, list[dict]], heldout: set[str]):
-    """Label generated rows with their prompt's id, drop empty and repeated (prompt, answer) pairs, and split them
-    by prompt. Returns ({"train": rows, "heldout": rows}, counts of dropped rows)."""
+def _previous_rows(out: Path) -> dict[str, list[dict]]:
+    """The rows an earlier run wrote to `out` ({"train": ..., "heldout": ...}; empty lists when there are none)."""
+    rows: dict[str, list[dict]] = {}
+    for split in ("train", "heldout"):
+        path = out / f"{split}.jsonl"
+        rows[split] = []
+        if path.exists():
+            with path.open(encoding="utf-8") as f:
+                rows[split] = [json.loads(line) for line in f if line.strip()]
+    return rows
+
+
+def _split_rows(prompts: list[dict], answers: dict[str, list[dict]], heldout: set[str],
+                seen: set | None = None):
+    """Label generated rows with their prompt's id, drop empty and repeated (prompt, answer) pairs (also against
+    `seen`, the pairs of an earlier run), and split them by prompt. Returns ({"train": rows, "heldout": rows},
+    counts of dropped rows)."""
     by_text = {r["prompt"]: r for r in prompts}
     out: dict[str, list[dict]] = {"train": [], "heldout": []}
-    seen = set()
+    seen = set() if seen is None else seen
     dropped = {"duplicate": 0, "empty": 0}
     for kind, rows in answers.items():
         for row in rows:
@@ -431,39 +445,60 @@ def run_data(args) -> int:
     answer = _answerer(args, deadline)
     prompts = collect_prompts(args, file_rows, answer)
     heldout = split_heldout(prompts, args.heldout)
+    out = Path(args.out)
+    previous = _previous_rows(out) if args.resume else {"train": [], "heldout": []}
+    old_rows = previous["train"] + previous["heldout"]
+    if not args.resume and (out / "train.jsonl").exists():
+        log.warning("%s already holds data: overwriting it (--resume keeps it and answers only new prompts)", out)
+    done = {(r["prompt"], r["id"].rsplit("/", 1)[-1]) for r in old_rows}
+    if old_rows:
+        log.info("resuming: %d rows from an earlier run; their prompts are not answered again", len(old_rows))
 
     t_gen = time.monotonic()
-    greedy = answer([r["prompt"] for r in prompts], 0.0, args.seed, args.max_new_tokens)
+    greedy = answer([r["prompt"] for r in prompts if (r["prompt"], "greedy") not in done], 0.0, args.seed,
+                    args.max_new_tokens)
     n_sampled = round(args.sampled_fraction * len(prompts))
     chosen = sorted(prompts, key=lambda r: prompt_hash(r["prompt"], f"sample:{args.seed}"))[:n_sampled]
+    chosen = [r for r in chosen if (r["prompt"], "sample") not in done]
     sampled = answer([r["prompt"] for r in chosen], args.sample_temperature, args.seed + 2,
                      args.max_new_tokens) if chosen else []
     generation_s = time.monotonic() - t_gen
-    splits, dropped = _split_rows(prompts, {"greedy": greedy, "sample": sampled}, heldout)
-
-    out = Path(args.out)
+    seen = {(tuple(r["prompt_ids"]), tuple(r["answer_ids"])) for r in old_rows}
+    splits, dropped = _split_rows(prompts, {"greedy": greedy, "sample": sampled}, heldout, seen)
+    for split in splits:
+        splits[split] = previous[split] + splits[split]
+    earlier = {}
+    if old_rows and (out / "meta.json").exists():
+        earlier = json.loads((out / "meta.json").read_text())
     write_jsonl(out / "train.jsonl", splits["train"])
     write_jsonl(out / "heldout.jsonl", splits["heldout"])
-    write_jsonl(out / "heldout_prompts.jsonl", ({"id": r["id"], "prompt": r["prompt"]} for r in prompts
-                                                if r["id"] in heldout))
+    held_prompts = {r["prompt_id"]: r["prompt"] for r in previous["heldout"]}
+    held_prompts.update((r["id"], r["prompt"]) for r in prompts if r["id"] in heldout)
+    write_jsonl(out / "heldout_prompts.jsonl", ({"id": i, "prompt": p} for i, p in held_prompts.items()))
     rows = splits["train"] + splits["heldout"]
     answer_tokens = sum(len(r["answer_ids"]) for r in rows)
-    elapsed = time.monotonic() - t0
+    elapsed = time.monotonic() - t0 + earlier.get("time_s", 0)
+    generation_s += earlier.get("generation_s", 0)
     counts = {
-        "prompts": len(prompts), "heldout_prompts": len(heldout),
+        "prompts": len(prompts), "heldout_prompts": len(held_prompts),
+        "answered_prompts": len({r["prompt_id"] for r in rows}), "resumed_rows": len(old_rows),
         "prompts_by_source": {s: sum(r["source"] == s for r in prompts)
                               for s in ("file", "self-instruct", "template", "passage")},
         "rows": len(rows), "train_rows": len(splits["train"]), "heldout_rows": len(splits["heldout"]),
-        "greedy_rows": len(greedy), "sampled_rows": len(sampled), "dropped_rows": dropped,
-        "unanswered_prompts": len(prompts) - len(greedy), "answer_tokens": answer_tokens,
+        "greedy_rows": sum(r["id"].endswith("/greedy") for r in rows),
+        "sampled_rows": sum(r["id"].endswith("/sample") for r in rows), "dropped_rows": dropped,
+        "unanswered_prompts": len({r["prompt"] for r in prompts} - {r["prompt"] for r in rows}),
+        "answer_tokens": answer_tokens,
         "finish_length": sum(r["finish"] == "length" for r in rows),
     }
     meta = {"target": args.target, "mode": "url" if args.url else "local", "counts": counts,
             "time_s": round(elapsed, 2), "generation_s": round(generation_s, 2),
             "time_budget_hit": deadline is not None and time.monotonic() >= deadline,
-            "arguments": {k: v for k, v in vars(args).items() if k != "func"}}
+            "arguments": {k: v for k, v in vars(args).items() if k != "func"},
+            "earlier_runs": earlier.get("earlier_runs", []) + ([earlier["arguments"]] if earlier else [])}
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    print(json.dumps({"out": str(out), "prompts": len(prompts), "rows": len(rows), "answer_tokens": answer_tokens,
+    print(json.dumps({"out": str(out), "prompts": len(prompts), "answered_prompts": counts["answered_prompts"],
+                      "rows": len(rows), "answer_tokens": answer_tokens,
                       "time_s": round(elapsed, 1),
                       "generation_tokens_per_s": round(answer_tokens / max(generation_s, 1e-9), 1)}))
     return 0
@@ -494,6 +529,8 @@ def add_data_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--heldout", type=float, default=0.02, help="share of prompts held out (at least one)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-prompts", type=int, default=None, help="cap on the number of prompts")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the rows already in --out and answer only prompts they do not cover")
     p.add_argument("--time-budget-s", type=float, default=None,
                    help="start no new batch after this many seconds; what was generated is still written")
     p.set_defaults(func=run_data)

@@ -1,5 +1,7 @@
 """`specray train`: train a learned drafter (mtp1, eagle, dspark) for a target, with online target features.
 
+(`--drafter model` distils a small LM instead: `training/distill.py`.)
+
     specray train --target smollm2-135m --drafter dspark --data data/ --out ckpt/dspark
 
 Data is what `specray data` wrote (`train.jsonl` and `heldout.jsonl`: prompt and answer token ids, the answers
@@ -207,9 +209,16 @@ def train(args) -> dict:
     from workers.models.loader import load_model
 
     kinds = [k.strip() for k in str(args.drafter).split(",") if k.strip()]
+    if kinds == ["model"]:
+        from training.distill import distill
+
+        return distill(args)
+    if "model" in kinds:
+        raise ValueError("--drafter model trains a whole small LM and runs on its own; train it separately from "
+                         f"{', '.join(k for k in kinds if k != 'model') or 'the heads'}")
     bad = [k for k in kinds if k not in KINDS]
     if bad or not kinds or len(set(kinds)) != len(kinds):
-        raise ValueError(f"--drafter: expected one or more of {', '.join(KINDS)} (comma separated), got "
+        raise ValueError(f"--drafter: expected one or more of {', '.join(KINDS)} (comma separated), or model, got "
                          f"{args.drafter!r}")
     rank, world = _setup_distributed()
     device = torch.device(args.device if args.device != "cuda" or world == 1 else f"cuda:{torch.cuda.current_device()}")
@@ -364,11 +373,15 @@ def run_train(args) -> int:
 
 
 def add_train_parser(sub) -> None:
-    p = sub.add_parser("train", help="train a learned drafter (mtp1, eagle, dspark) on data from `specray data`")
+    p = sub.add_parser("train", help="train a drafter (mtp1, eagle, dspark heads, or a distilled small LM: model) "
+                                      "on data from `specray data`")
     p.add_argument("--target", default="smollm2-135m")
     p.add_argument("--drafter", required=True,
                    help="mtp1, eagle, dspark, or several comma separated (trained together on shared target "
-                        "features, each into --out/KIND)")
+                        "features, each into --out/KIND); or model (distil a small LM, served as model:OUT)")
+    p.add_argument("--student", default="", help="model: the LM to distil into (default: the target cut down to "
+                                                 "--student-layers layers)")
+    p.add_argument("--student-layers", type=int, default=4, help="model: layers kept from the target (default 4)")
     p.add_argument("--data", required=True, help="directory written by `specray data`")
     p.add_argument("--out", required=True, help="checkpoint directory")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -80,15 +80,24 @@ def test_greedy_over_http_matches_in_process_and_tau_is_k_plus_1(cluster, tiny_l
         ref = _reference(tiny_llama, p, max_tokens)
         assert r.choices[0].text == tok.decode(ref, skip_special_tokens=True)
         assert r.usage.completion_tokens == max_tokens
-    time.sleep(1.5)  # the router polls target counters every 0.5 s
-    after = requests.get(url + "/metrics", timeout=10).text
-    drafts = _metric(after, "vllm:spec_decode_num_drafts_total") - _metric(before, "vllm:spec_decode_num_drafts_total")
-    drafted = (_metric(after, "vllm:spec_decode_num_draft_tokens_total")
-               - _metric(before, "vllm:spec_decode_num_draft_tokens_total"))
-    accepted = (_metric(after, "vllm:spec_decode_num_accepted_tokens_total")
-                - _metric(before, "vllm:spec_decode_num_accepted_tokens_total"))
+    deadline = time.monotonic() + 30
+    while True:  # the router polls target counters every 0.5 s: wait until they cover every committed token
+        after = requests.get(url + "/metrics", timeout=10).text
+        drafts, drafted, accepted, fallback = (
+            _metric(after, name) - _metric(before, name)
+            for name in ("vllm:spec_decode_num_drafts_total", "vllm:spec_decode_num_draft_tokens_total",
+                         "vllm:spec_decode_num_accepted_tokens_total", "specray:fallback_steps"))
+        # one token per prefill, one per draft-less step, accepted + 1 per draft
+        if len(prompts) * max_tokens == len(prompts) + fallback + drafts + accepted or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert drafts > 0 and accepted == drafted, (drafts, drafted, accepted)
-    assert 1 + accepted / drafts == K + 1
+    assert len(prompts) * max_tokens == len(prompts) + fallback + drafts + accepted, (drafts, accepted, fallback)
+    if fallback == 0:
+        assert 1 + accepted / drafts == K + 1
+    else:  # a draft slower than the target's wait (a loaded machine) costs a plain step; it shifts the blocks once,
+        # which cuts at most the sequence's last draft short against max_tokens
+        assert K * drafts - drafted <= K * fallback, (drafts, drafted, fallback)
 
 
 def test_streaming_chat_and_stream_equals_non_stream(cluster):

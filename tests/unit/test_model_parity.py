@@ -176,3 +176,19 @@ def test_forward_past_cache_capacity_is_refused(family):
     with pytest.raises(ValueError, match="capacity"):
         ours.model(torch.zeros(1, 3, dtype=torch.long), cache, [0])
     assert cache.lengths == [6]  # a refused forward leaves the slot alone
+
+
+@pytest.mark.parametrize("heads, kv, T, masked", [(9, 3, 1, True), (9, 3, 5, True), (8, 2, 1, False), (4, 4, 3, True)])
+def test_attend_folds_grouped_queries_exactly(heads, kv, T, masked):
+    from workers.models.decoder import attend
+
+    g = torch.Generator().manual_seed(0)
+    B, L, hd = 3, 11, 16
+    q = torch.randn(B, heads, T, hd, generator=g)
+    k, v = torch.randn(B, kv, L, hd, generator=g), torch.randn(B, kv, L, hd, generator=g)
+    mask = None
+    if masked:  # row b, query t sees keys <= L - T + t - b (a ragged causal mask)
+        pos = torch.arange(T)[None, :] + L - T - torch.arange(B)[:, None]  # [B, T]
+        mask = (torch.arange(L)[None, None, :] <= pos[:, :, None])[:, None]  # [B, 1, T, L]
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=heads != kv)
+    torch.testing.assert_close(attend(q, k, v, mask), want, rtol=1e-5, atol=1e-6)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.models.decoder import RMSNorm
+from workers.models.decoder import RMSNorm, attend
 from workers.models.kv_cache import KVCache
 
 KINDS = ("mtp1", "eagle", "dspark")
@@ -258,8 +258,7 @@ class DraftHead(nn.Module):
             q, k, v = layer.qkv(x, cos, sin)
             cache.write(i, slot_t, positions, k.transpose(1, 2), v.transpose(1, 2))
             keys, values = cache.read(i, slot_t, kv_len)
-            o = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
-                                               enable_gqa=cfg.num_kv_heads != cfg.num_heads)
+            o = attend(q.transpose(1, 2), keys, values, mask)
             x = layer.finish(x, o.transpose(1, 2).reshape(B, T, -1))
         for s, n in zip(slots, num_new):
             cache.lengths[s] += n

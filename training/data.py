@@ -413,6 +413,26 @@ def _previous_rows(out: Path) -> dict[str, list[dict]]:
     return rows
 
 
+def _keep_ids_apart(prompts: list[dict], old_rows: list[dict]) -> list[dict]:
+    """Prompt ids are assigned per run: a prompt an earlier run answered keeps that run's id, and a new prompt whose
+    id an earlier run gave to another prompt gets a suffix, so ids stay unique across the merged rows."""
+    old_id = {r["prompt"]: r["prompt_id"] for r in old_rows}
+    old_text = {r["prompt_id"]: r["prompt"] for r in old_rows}
+    taken = set(old_text) | {p["id"] for p in prompts}
+    out = []
+    for p in prompts:
+        if p["prompt"] in old_id:
+            p = {**p, "id": old_id[p["prompt"]]}
+        elif p["id"] in old_text:
+            n = 2
+            while f"{p['id']}~{n}" in taken:
+                n += 1
+            p = {**p, "id": f"{p['id']}~{n}"}
+            taken.add(p["id"])
+        out.append(p)
+    return out
+
+
 def _split_rows(prompts: list[dict], answers: dict[str, list[dict]], heldout: set[str],
                 seen: set | None = None):
     """Label generated rows with their prompt's id, drop empty and repeated (prompt, answer) pairs (also against
@@ -444,10 +464,11 @@ def run_data(args) -> int:
         raise ValueError("no prompts: pass --prompts FILE, --builtin N or --self-instruct N")
     answer = _answerer(args, deadline)
     prompts = collect_prompts(args, file_rows, answer)
-    heldout = split_heldout(prompts, args.heldout)
     out = Path(args.out)
     previous = _previous_rows(out) if args.resume else {"train": [], "heldout": []}
     old_rows = previous["train"] + previous["heldout"]
+    prompts = _keep_ids_apart(prompts, old_rows)
+    heldout = split_heldout(prompts, args.heldout)
     if not args.resume and (out / "train.jsonl").exists():
         log.warning("%s already holds data: overwriting it (--resume keeps it and answers only new prompts)", out)
     done = {(r["prompt"], r["id"].rsplit("/", 1)[-1]) for r in old_rows}
@@ -472,16 +493,16 @@ def run_data(args) -> int:
         earlier = json.loads((out / "meta.json").read_text())
     write_jsonl(out / "train.jsonl", splits["train"])
     write_jsonl(out / "heldout.jsonl", splits["heldout"])
-    held_prompts = {r["prompt_id"]: r["prompt"] for r in previous["heldout"]}
-    held_prompts.update((r["id"], r["prompt"]) for r in prompts if r["id"] in heldout)
-    write_jsonl(out / "heldout_prompts.jsonl", ({"id": i, "prompt": p} for i, p in held_prompts.items()))
+    held_prompts = {r["prompt"]: r["prompt_id"] for r in previous["heldout"]}  # text -> id
+    held_prompts.update((r["prompt"], r["id"]) for r in prompts if r["id"] in heldout)
+    write_jsonl(out / "heldout_prompts.jsonl", ({"id": i, "prompt": p} for p, i in held_prompts.items()))
     rows = splits["train"] + splits["heldout"]
     answer_tokens = sum(len(r["answer_ids"]) for r in rows)
     elapsed = time.monotonic() - t0 + earlier.get("time_s", 0)
     generation_s += earlier.get("generation_s", 0)
     counts = {
         "prompts": len(prompts), "heldout_prompts": len(held_prompts),
-        "answered_prompts": len({r["prompt_id"] for r in rows}), "resumed_rows": len(old_rows),
+        "answered_prompts": len({r["prompt"] for r in rows}), "resumed_rows": len(old_rows),
         "prompts_by_source": {s: sum(r["source"] == s for r in prompts)
                               for s in ("file", "self-instruct", "template", "passage")},
         "rows": len(rows), "train_rows": len(splits["train"]), "heldout_rows": len(splits["heldout"]),

@@ -114,6 +114,19 @@ def test_resume_continues_exactly(tiny_llama, data_dir, tmp_path):
         torch.testing.assert_close(a["head"][k], b["head"][k], rtol=1e-5, atol=1e-6)
 
 
+def test_feature_cache_trains_the_same_head(tiny_llama, data_dir, tmp_path, capsys):
+    # 3 epochs of one batch: the first fills the cache, the others read it; the weights must match online features
+    _train(tiny_llama, data_dir, tmp_path / "online", "eagle", 3)
+    _train(tiny_llama, data_dir, tmp_path / "cached", "eagle", 3, "--feature-cache", str(tmp_path / "fc"))
+    assert "feature cache" in capsys.readouterr().out
+    shards = list((tmp_path / "fc").glob("batch-*.safetensors"))
+    assert len(shards) == 1  # one batch, written once, read twice
+    a = torch.load(tmp_path / "online" / "state" / "trainer_state.pt", weights_only=False)["head"]
+    b = torch.load(tmp_path / "cached" / "state" / "trainer_state.pt", weights_only=False)["head"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("k", [1, 4])
 def test_greedy_output_is_exactly_target_only(target, trained, kind, k):

@@ -23,12 +23,16 @@ class PoolScaling(_Strict):
     num_replicas: int | None = Field(1, ge=1, description="fixed replica count (ignored with autoscaling_config)")
     autoscaling_config: dict[str, Any] | None = Field(
         None, description="Ray Serve autoscaling_config, e.g. {min_replicas: 1, max_replicas: 4, "
-                          "target_ongoing_requests: 8}")
+                          "target_ongoing_requests: 8}; target_ongoing_requests counts the sequences a replica "
+                          "serves (cluster/autoscaling.py)")
     num_cpus: float = Field(1.0, gt=0, description="CPUs per replica (per TP rank for the target pool)")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (per TP rank for the target pool)")
     resources: dict[str, float] = Field(default_factory=dict,
                                         description="custom Ray resources per replica, e.g. {target: 1}")
     threads: int = Field(1, ge=1, description="torch threads inside each replica (Ray sets OMP_NUM_THREADS=1)")
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="when a replica is removed (scale-down, redeploy): it leaves the registry so it gets "
+                                "no new sequences, and its live ones get this long to finish")
 
 
 class TargetPoolConfig(PoolScaling):

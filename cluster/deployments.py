@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import uuid
 
 from ray import serve
 
+from cluster.autoscaling import SEQUENCES
 from cluster.config import SpecrayConfig
 from cluster.registry import Registration, lister
 
@@ -62,6 +64,7 @@ class DraftPool:
                                                      max_sequences=max_sequences, ahead_blocks=d.ahead_blocks)
         self.address = f"{advertise}:{port}"
         self.registration = Registration(cfg.name, "draft", _replica_id("draft"), self.address)
+        self.drain_timeout_s = d.drain_timeout_s
         log.info("draft replica %s serving %s", self.address, d.drafter)
 
     def address_(self) -> str:
@@ -76,13 +79,32 @@ class DraftPool:
         if not self.worker.thread.is_alive():
             raise RuntimeError("the drafting thread died")
 
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metric: the sequences this replica drafts for (cluster/autoscaling.py)."""
+        return {SEQUENCES: float(len(self.worker.seqs))}
+
     def __del__(self):
         try:
-            self.registration.close()
+            self.registration.close()  # no new sequences; targets finish the live ones, then release them
+            _drain(lambda: len(self.worker.seqs), self.drain_timeout_s, "draft")
             self.worker.stop()
             self.server.stop(1)
         except Exception:
             pass
+
+
+def _drain(live, timeout_s: float, kind: str, poll_s: float = 0.2) -> int:
+    """Wait until `live()` (the replica's live sequences) is 0 or timeout_s passed; returns what was left."""
+    deadline = time.monotonic() + timeout_s
+    n = live()
+    if n:
+        log.info("%s replica draining: %d live sequence(s), up to %.0f s", kind, n, timeout_s)
+    while n and time.monotonic() < deadline:
+        time.sleep(poll_s)
+        n = live()
+    if n:
+        log.warning("%s replica shutting down with %d live sequence(s) after %.0f s of draining", kind, n, timeout_s)
+    return n
 
 
 def _free_port() -> int:
@@ -167,6 +189,7 @@ class TargetPool:
         self.server = TargetServer(TargetWorker(self.engine, self.drafts, cfg.served_model_name, t.tp), bind, 0)
         self.address = f"{advertise}:{self.server.port}"
         self.registration = Registration(cfg.name, "target", _replica_id("target"), self.address)
+        self.drain_timeout_s = t.drain_timeout_s
         log.info("target replica %s serving %s (%s, tp=%d)", self.address, t.model, t.dtype, t.tp)
 
     def address_(self) -> str:
@@ -180,9 +203,17 @@ class TargetPool:
     async def check_health(self) -> None:
         self.engine.check_health()
 
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metric: running + waiting sequences (cluster/autoscaling.py)."""
+        s = self.engine.stats()
+        return {SEQUENCES: float(s["running"] + s["waiting"])}
+
     def __del__(self):
         try:
-            self.registration.close()
+            self.registration.close()  # the router stops picking this replica ...
+            self.server.worker.draining = True  # ... also before its registry view refreshes
+            _drain(lambda: (lambda s: s["running"] + s["waiting"])(self.engine.stats()), self.drain_timeout_s,
+                   "target")
             self.server.stop(1)
             self.engine.shutdown()
             self.drafts.close()

@@ -44,6 +44,7 @@ class _Replica:
         self.info: pb.TargetInfo | pb.DraftInfo | None = None
         self.in_flight = 0
         self.healthy = False
+        self.listed = True  # still registered; a replica leaving the pool keeps its streams but gets no new ones
         self.seen = time.monotonic()
 
     def load(self) -> float:
@@ -95,6 +96,8 @@ class TargetPoolClient:
         for a in addresses:
             if a not in pool:
                 pool[a] = _Replica(a, stub_cls)
+        for a, r in pool.items():
+            r.listed = a in addresses
         for a in [a for a in pool if a not in addresses and pool[a].in_flight == 0]:
             asyncio.get_running_loop().create_task(pool.pop(a).channel.close())
 
@@ -107,14 +110,14 @@ class TargetPoolClient:
             r.healthy = False
 
     def _pick_target(self, exclude: set[str]) -> _Replica:
-        healthy = [r for r in self.targets.values() if r.healthy and r.address not in exclude]
+        healthy = [r for r in self.targets.values() if r.healthy and r.listed and r.address not in exclude]
         if not healthy:
             raise NoReplicaError("no healthy target replica is available")
         a, b = random.sample(healthy, 2) if len(healthy) > 1 else (healthy[0], healthy[0])
         return a if a.load() <= b.load() else b  # power of two choices
 
     def _pick_draft(self) -> _Replica | None:
-        healthy = [r for r in self.drafts.values() if r.healthy]
+        healthy = [r for r in self.drafts.values() if r.healthy and r.listed]
         return min(healthy, key=lambda r: r.load()) if healthy else None
 
     # --- the engine interface -----------------------------------------------------------------------------------

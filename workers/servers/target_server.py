@@ -38,6 +38,7 @@ class TargetWorker(pb_grpc.TargetServiceServicer):
         self.drafts = drafts
         self.model_name = model_name
         self.tp = tp
+        self.draining = False  # shutting down: the router stops sending new sequences here
 
     async def Generate(self, request: pb.GenerateRequest, context):
         req = request_from_proto(request)
@@ -79,7 +80,9 @@ class TargetWorker(pb_grpc.TargetServiceServicer):
             waiting=s["waiting"], tp=self.tp, num_drafts=s["num_drafts"], num_draft_tokens=s["num_draft_tokens"],
             num_accepted_tokens=s["num_accepted_tokens"], accepted_per_pos=s["accepted_per_pos"],
             prompt_tokens=s["prompt_tokens"], completion_tokens=s["completion_tokens"], finished=s["finished"],
-            aborted=s["aborted"], fallback_steps=eng.fallback_steps, healthy=True)
+            aborted=s["aborted"], fallback_steps=eng.fallback_steps, healthy=not self.draining)
+        if self.draining:
+            msg.error = f"draining: finishing {s['running'] + s['waiting']} sequence(s) before shutdown"
         if self.drafts is not None:
             d = self.drafts.stats()
             msg.draft_wait_seconds = d["draft_wait_seconds"]

@@ -98,6 +98,19 @@ def build_parser() -> argparse.ArgumentParser:
     dg.add_argument("--setups", default="in_process,disagg_no_runahead,disagg_runahead")
     dg.add_argument("--json", dest="json_out", required=True)
 
+    pl = bsub.add_parser("pipeline", help="the draft/target pipeline alone, batch 1: in-process vs a gRPC draft "
+                                          "worker in its own process, without and with run-ahead (no Ray, no HTTP)")
+    pl.add_argument("--target", default=DEFAULT_TARGET)
+    pl.add_argument("--draft", default="eagle")
+    pl.add_argument("--k", type=int, default=7)
+    pl.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
+    pl.add_argument("--threads", type=int, default=1, help="torch threads of the target in every setup")
+    pl.add_argument("--prompts", required=True)
+    pl.add_argument("--limit", type=int, default=None)
+    pl.add_argument("--max-tokens", type=int, default=64)
+    pl.add_argument("--no-chat", action="store_true")
+    pl.add_argument("--json", dest="json_out", required=True)
+
     rt = bsub.add_parser("draft-rtt", help="draft <-> target round trip per step on loopback (ngram, no models)")
     rt.add_argument("--steps", type=int, default=300)
     rt.add_argument("--json", dest="json_out", required=True)
@@ -221,6 +234,15 @@ def cmd_bench_disagg(args) -> int:
     return _emit(result, args.json_out)
 
 
+def cmd_bench_pipeline(args) -> int:
+    from bench.pipeline import run_pipeline
+    from bench.prompts import load_prompts
+
+    result = run_pipeline(args.target, args.draft, load_prompts(args.prompts)[: args.limit], args.k, args.max_tokens,
+                          dtype=args.dtype, threads=args.threads, chat=not args.no_chat)
+    return _emit(result, args.json_out)
+
+
 def cmd_bench_draft_rtt(args) -> int:
     from bench.draft_rtt import run_draft_rtt
 
@@ -279,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "bench":
             return {"offline": cmd_bench_offline, "serve": cmd_bench_serve, "disagg": cmd_bench_disagg,
-                    "draft-rtt": cmd_bench_draft_rtt}[args.bench](args)
+                    "pipeline": cmd_bench_pipeline, "draft-rtt": cmd_bench_draft_rtt}[args.bench](args)
         if args.command in handlers:
             return handlers[args.command](args)
         return args.func(args)

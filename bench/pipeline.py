@@ -1,0 +1,142 @@
+"""The draft/target pipeline alone: in-process engine vs the same engine with a gRPC draft worker, no Ray, no HTTP.
+
+    specray bench pipeline --draft eagle --k 7 --prompts bench/prompts/chat.jsonl --limit 6 --max-tokens 64 \
+        --json pipeline.json
+
+The target runs here on `--threads` torch threads; the disaggregated draft worker runs in a child process on one
+thread (its own core here). Setups, measured one after the other on the same prompts at batch size 1:
+
+    in_process   SpecEngine + InProcessDraftClient: draft, then verify, on the target's threads
+    remote_ahead1  SpecEngine + RemoteDraftClient, draft worker with ahead_blocks = 1 (no run-ahead)
+    remote_ahead2  the same with one block drafted ahead of verification
+
+It prints one JSON object: tokens/s per setup and the ratios against in_process, with the remote client's counters
+(fallback steps, time the target waited for drafts, verdict -> next block latency). This separates what the
+pipeline itself costs or gains from Ray Serve and HTTP (bench/disagg.py measures the whole path).
+"""
+
+from __future__ import annotations
+
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+_SERVER = """
+import sys, time, torch
+torch.set_num_threads(1)
+from workers.drafters.registry import build_drafter
+from workers.models.loader import load_model
+from workers.servers.draft_server import serve_draft
+target = load_model(sys.argv[3], sys.argv[4])
+drafter = build_drafter(sys.argv[2], target, dtype=sys.argv[4], max_batch=8)
+server, worker, _ = serve_draft(drafter, sys.argv[2], port=int(sys.argv[1]), ahead_blocks=int(sys.argv[5]))
+print("ready", flush=True)
+time.sleep(float(sys.argv[6]))
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Setup:
+    """One way of running the speculation loop at batch 1, and what it measured."""
+
+    def __init__(self, target, client, k: int, max_tokens: int):
+        from workers.engine.engine import SpecEngine
+
+        self.engine = SpecEngine(target, client, max_batch=1, max_model_len=2048)
+        self.client, self.k, self.max_tokens = client, k, max_tokens
+        self.tokens, self.elapsed, self.accepted, self.drafts = 0, 0.0, 0, 0
+        self.outputs: list[list[int]] = []
+
+    def run(self, i: int, ids: list[int], record: bool = True) -> None:
+        from workers.engine.sequence import Request
+
+        t = time.perf_counter()
+        (seq,) = self.engine.run([Request(f"p{i}-{time.monotonic_ns()}", ids, max_tokens=self.max_tokens,
+                                          num_draft_tokens=self.k, ignore_eos=True)])
+        if record:
+            self.elapsed += time.perf_counter() - t
+            self.tokens += len(seq.output_ids)
+            self.accepted += seq.num_accepted_tokens
+            self.drafts += seq.num_drafts
+            self.outputs.append(seq.output_ids)
+
+    def summary(self) -> dict:
+        return {"tokens_per_s": round(self.tokens / self.elapsed, 3),
+                "tau": round(1 + self.accepted / max(self.drafts, 1), 3), "tokens": self.tokens,
+                "fallback_steps": self.engine.fallback_steps}
+
+
+def _start_worker(draft: str, target_name: str, dtype: str, ahead: int) -> tuple[subprocess.Popen, int]:
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-c", _SERVER, str(port), draft, target_name, dtype, str(ahead), "3600"],
+                            stdout=subprocess.PIPE, text=True)
+    if proc.stdout.readline().strip() != "ready":
+        proc.kill()
+        raise RuntimeError(f"the draft worker for {draft!r} did not start (exit code {proc.wait()})")
+    return proc, port
+
+
+def run_pipeline(target_name: str, draft: str, rows: list[dict], k: int, max_tokens: int, dtype: str = "bf16",
+                 threads: int = 1, chat: bool = True, aheads: tuple[int, ...] = (1, 2)) -> dict:
+    """Every setup decodes every prompt, prompt-major (one prompt in all setups, then the next), so machine noise
+    hits all setups alike. Greedy; the remote setups must produce exactly the in-process tokens."""
+    from workers.drafters.registry import build_drafter
+    from workers.engine.draft_client import InProcessDraftClient
+    from workers.engine.prompting import encode_prompt
+    from workers.engine.remote_draft import RemoteDraftClient
+    from workers.models.loader import load_model
+
+    torch.set_num_threads(threads)
+    target = load_model(target_name, dtype)
+    prompts = [encode_prompt(target.tokenizer, r["prompt"], chat=chat) for r in rows]
+    if not prompts:
+        raise ValueError("no prompts to run")
+    procs = []
+    try:
+        setups = {"in_process": _Setup(target, InProcessDraftClient(build_drafter(draft, target, dtype=dtype,
+                                                                                   max_batch=1)), k, max_tokens)}
+        for ahead in aheads:
+            proc, port = _start_worker(draft, target_name, dtype, ahead)
+            procs.append(proc)
+            client = RemoteDraftClient(f"127.0.0.1:{port}", k=k, connect_timeout_s=60)
+            setups[f"remote_ahead{ahead}"] = _Setup(target, client, k, max_tokens)
+        for s in setups.values():
+            s.run(-1, prompts[0], record=False)  # warm up every path (first forward, stream set-up)
+        for s in setups.values():
+            if s.client is not None and hasattr(s.client, "rpc_latencies"):
+                s.client.rpc_latencies.clear()
+                s.client.wait_seconds = 0.0
+        for i, ids in enumerate(prompts):
+            for s in setups.values():
+                s.run(i, ids)
+        result: dict = {"target": target_name, "draft": draft, "k": k, "dtype": dtype, "target_threads": threads,
+                        "prompts": len(prompts), "max_tokens": max_tokens, "setups": {}}
+        base = setups["in_process"]
+        for name, s in setups.items():
+            r = s.summary()
+            if name != "in_process":
+                lat = sorted(s.client.rpc_latencies)
+                r["target_wait_for_draft_s"] = round(s.client.wait_seconds, 3)
+                r["verdict_to_next_block_ms"] = {
+                    "p50": round(statistics.median(lat) * 1e3, 2) if lat else None,
+                    "p90": round(lat[int(0.9 * (len(lat) - 1))] * 1e3, 2) if lat else None}
+                r["identical_to_in_process"] = s.outputs == base.outputs
+                s.client.close()
+            result["setups"][name] = r
+        result["ratios"] = {f"{name}_vs_in_process": round(r["tokens_per_s"] / result["setups"]["in_process"]
+                                                          ["tokens_per_s"], 3)
+                            for name, r in result["setups"].items() if name != "in_process"}
+        return result
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()

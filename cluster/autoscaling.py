@@ -25,12 +25,12 @@ POLICY = "cluster.autoscaling:pool_load_policy"
 def pool_load_policy(ctx) -> tuple[float, dict[str, Any]]:
     """A Serve custom autoscaling policy: (desired replicas before bounds and delays, policy state)."""
     per_replica = (ctx.aggregated_metrics or {}).get(SEQUENCES)
-    if per_replica:
-        load = float(sum(per_replica.values()))
-    else:  # no replica has reported yet (or an old Serve): fall back to the requests Serve sees
-        load = float(ctx.total_num_requests or 0.0)
+    if not per_replica:
+        # No report in the look-back window (replicas still starting, or a window shorter than the push interval):
+        # hold. Falling back to the requests Serve sees (none, on these pools) would scale a busy pool down.
+        return float(ctx.current_num_replicas), {}
     target = ctx.config.get_target_ongoing_requests() or 1.0
-    return load / target, {}
+    return float(sum(per_replica.values())) / target, {}
 
 
 def with_pool_policy(autoscaling_config: dict[str, Any]) -> dict[str, Any]:

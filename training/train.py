@@ -115,7 +115,8 @@ def draft_vocabulary(rows, size: int, vocab_size: int) -> torch.Tensor:
     for ids, p in rows:
         counts.update(ids[p:])
     top = [t for t, _ in counts.most_common(size)]
-    rest = (t for t in range(vocab_size) if t not in set(top))
+    chosen = set(top)
+    rest = (t for t in range(vocab_size) if t not in chosen)
     while len(top) < size:  # fewer distinct tokens than asked: pad with low ids so the size is what was asked
         top.append(next(rest))
     return torch.tensor(sorted(top))

@@ -17,8 +17,10 @@ pytestmark = pytest.mark.slow
 
 APP = "autoscale"
 PORT = 18451
-SCALING = {"min_replicas": 1, "max_replicas": 2, "upscale_delay_s": 0, "downscale_delay_s": 1,
-           "look_back_period_s": 1}
+# replicas push their metrics every metrics_interval_s (Serve's default: 10 s) and the policy averages them over
+# look_back_period_s, which must be longer
+SCALING = {"min_replicas": 1, "max_replicas": 2, "upscale_delay_s": 0, "downscale_delay_s": 2,
+           "metrics_interval_s": 0.5, "look_back_period_s": 2}
 
 
 def _running(name: str) -> int:
@@ -39,10 +41,9 @@ def _wait_for(cond, timeout_s: float) -> bool:
     return False
 
 
-def test_pools_scale_with_the_sequences_they_serve(tiny_llama, monkeypatch):
+def test_pools_scale_with_the_sequences_they_serve(tiny_llama):
     from cluster import launch
 
-    monkeypatch.setenv("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "0.5")  # Serve's default: 10 s
     cfg = load_config(None, {
         "name": APP, "target.model": str(tiny_llama), "target.dtype": "fp32", "target.num_cpus": 0.4,
         "target.max_model_len": 1024, "target.autoscaling_config": dict(SCALING, target_ongoing_requests=2),

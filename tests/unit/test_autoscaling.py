@@ -26,7 +26,7 @@ def test_policy_sizes_the_pool_by_live_sequences():
     desired, state = pool_load_policy(_ctx({"r1": 6.0, "r2": 10.0}, target=4.0, current=2))
     assert desired == 4.0 and state == {}
     assert pool_load_policy(_ctx({"r1": 0.0}))[0] == 0.0  # idle: down to min_replicas (Serve applies the bound)
-    assert pool_load_policy(_ctx(None, serve_requests=8.0))[0] == 2.0  # nothing reported yet: Serve's own count
+    assert pool_load_policy(_ctx(None, serve_requests=8.0, current=3))[0] == 3.0  # nothing reported yet: hold
 
 
 def test_serves_default_policy_is_blind_to_grpc_load():

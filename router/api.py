@@ -10,8 +10,9 @@ Serve it is a handle to a target replica; this module does not know which.
 Request handling: pydantic models accept and ignore unknown OpenAI fields (clients send many); values are checked
 here with the OpenAI parameter name in the error, then the engine validates again as the last word. Every error is
 OpenAI-shaped JSON `{"error": {"message", "type", "param", "code"}}`: 400 for bad values, wrong types and malformed
-JSON (FastAPI's 422 is mapped to 400), 401 for a wrong API key, 404 for an unknown model, and 500 with a generic
-message (logged, never a traceback) for anything unexpected.
+JSON (FastAPI's 422 is mapped to 400), 401 for a wrong API key, 404 for an unknown model, 503 with Retry-After
+when the engine has no replica to serve (`router/errors.py`), and 500 with a generic message (logged, never a
+traceback) for anything unexpected.
 
 Detokenisation is incremental and byte-safe: each step decodes the whole output and emits the new suffix, holding
 back a trailing U+FFFD (a multi-byte character whose remaining bytes are still to come) and any tail that could be
@@ -48,6 +49,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from router.errors import EngineUnavailable
 from workers.engine.sequence import Request
 from workers.params import SamplingParams
 
@@ -261,6 +263,12 @@ def build_app(engine_client, model_name: str, tokenizer, api_key: str | None = N
     @app.exception_handler(StarletteHTTPException)
     async def _http(_, e: StarletteHTTPException):
         return _error(e.status_code, str(e.detail), code=e.status_code)
+
+    @app.exception_handler(EngineUnavailable)
+    async def _unavailable(_, e: EngineUnavailable):
+        out = _error(503, str(e), type="service_unavailable")
+        out.headers["Retry-After"] = str(e.retry_after_s)
+        return out
 
     @app.exception_handler(Exception)
     async def _unexpected(request: HTTPRequest, e: Exception):

@@ -22,6 +22,7 @@ import grpc
 
 from protos import specray_pb2 as pb
 from protos import specray_pb2_grpc as pb_grpc
+from router.errors import EngineUnavailable
 from workers.engine.async_engine import GenerationDelta, SequenceStats
 from workers.engine.sequence import Request
 from workers.wire import CLIENT_OPTIONS, params_to_proto
@@ -32,8 +33,8 @@ _SUM_FIELDS = ("running", "waiting", "num_drafts", "num_draft_tokens", "num_acce
                "completion_tokens", "finished", "aborted", "fallback_steps", "draft_wait_seconds")
 
 
-class NoReplicaError(RuntimeError):
-    """No healthy target replica is registered (yet)."""
+class NoReplicaError(EngineUnavailable):
+    """No healthy target replica is registered (yet): HTTP 503 with Retry-After."""
 
 
 class _Replica:
@@ -57,11 +58,12 @@ class _Replica:
 
 class TargetPoolClient:
     def __init__(self, list_targets: Callable[[], list[str]], list_drafts: Callable[[], list[str]] | None = None,
-                 refresh_s: float = 0.5, request_timeout_s: float = 600.0):
+                 refresh_s: float = 0.5, request_timeout_s: float = 600.0, wait_for_replica_s: float = 10.0):
         self.list_targets = list_targets
         self.list_drafts = list_drafts or (lambda: [])
         self.refresh_s = refresh_s
         self.request_timeout_s = request_timeout_s
+        self.wait_for_replica_s = wait_for_replica_s
         self.targets: dict[str, _Replica] = {}
         self.drafts: dict[str, _Replica] = {}
         self._task: asyncio.Task | None = None
@@ -116,6 +118,18 @@ class TargetPoolClient:
         a, b = random.sample(healthy, 2) if len(healthy) > 1 else (healthy[0], healthy[0])
         return a if a.load() <= b.load() else b  # power of two choices
 
+    async def _wait_for_target(self, exclude: set[str]) -> _Replica:
+        """A healthy target, waiting up to wait_for_replica_s for one to come up (the app just started, or the
+        pool is replacing a replica): a short wait is kinder to clients than an error."""
+        deadline = time.monotonic() + self.wait_for_replica_s
+        while True:
+            try:
+                return self._pick_target(exclude)
+            except NoReplicaError:
+                if time.monotonic() >= deadline:
+                    raise
+            await asyncio.sleep(min(self.refresh_s, 0.1))
+
     def _pick_draft(self) -> _Replica | None:
         healthy = [r for r in self.drafts.values() if r.healthy and r.listed]
         return min(healthy, key=lambda r: r.load()) if healthy else None
@@ -129,7 +143,7 @@ class TargetPoolClient:
                                  ignore_eos=request.ignore_eos)
         tried: set[str] = set()
         while True:
-            target = self._pick_target(tried)
+            target = await self._wait_for_target(tried)
             draft = self._pick_draft() if request.num_draft_tokens > 0 else None
             msg.draft_address = draft.address if draft else ""
             started = False

@@ -445,3 +445,23 @@ def test_engine_failures_become_openai_errors(reference):
         assert status == 503 and "engine thread died" in json.loads(data)["error"]["message"]
         status, data = raw(stub, "GET", "/metrics")
         assert status == 200 and b"vllm:spec_decode_num_drafts_total" in data
+
+
+def test_no_target_replica_is_a_503_with_retry_after(reference):
+    """The router's pool with no healthy target (the app is starting, or every replica is gone): after a short wait
+    for one, the client gets an OpenAI-shaped 503 with Retry-After, not a 500."""
+    from router.target_pool import TargetPoolClient
+
+    pool = TargetPoolClient(lambda: [], lambda: [], refresh_s=0.05, wait_for_replica_s=0.3)
+    app = build_app(pool, MODEL, reference.tokenizer, max_model_len=MAX_LEN)
+    with serving(app) as port:
+        for body in (OK | {"prompt": [3, 5]}, OK | {"prompt": [3, 5], "stream": True}):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+            t = time.monotonic()
+            conn.request("POST", C, body=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            data = json.loads(resp.read())
+            conn.close()
+            assert resp.status == 503 and resp.getheader("Retry-After") == "1", (resp.status, data)
+            assert data["error"]["type"] == "service_unavailable" and "target replica" in data["error"]["message"]
+            assert time.monotonic() - t >= 0.3  # it waited for a replica first

@@ -1,0 +1,10 @@
+"""Errors an engine client raises that the HTTP API turns into something other than a 500."""
+
+from __future__ import annotations
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine cannot take a request right now (no healthy target replica yet, or all of them gone): the API
+    answers 503 with a Retry-After header, as a load balancer in front of it expects."""
+
+    retry_after_s = 1

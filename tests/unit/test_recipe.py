@@ -1,0 +1,33 @@
+"""The shipped drafters' recipe runs end to end (data, a --resume pass, training of all three heads) on a tiny
+target with tiny budgets: every flag it passes is one the CLI takes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+RECIPE = Path(__file__).resolve().parents[2] / "training" / "recipes" / "smollm2-135m.sh"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a bash script")
+def test_recipe_runs_on_a_tiny_target(tiny_llama, tmp_path):
+    env = dict(os.environ, TARGET=str(tiny_llama), DATA_S="15", MORE_S="8", FEATURE_CACHE="1", TRAIN_MIN="0.05",
+               SPECRAY=f"{sys.executable} -m cluster.cli", PYTHONUNBUFFERED="1")
+    out = tmp_path / "run"
+    proc = subprocess.run(["bash", str(RECIPE), str(out)], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=RECIPE.parents[2])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    meta = json.loads((out / "data" / "meta.json").read_text())
+    assert meta["arguments"]["resume"] and meta["earlier_runs"]  # the second pass resumed the first
+    assert meta["counts"]["rows"] > 0
+    for kind in ("dspark", "eagle", "mtp1"):
+        cfg = json.loads((out / kind / "config.json").read_text())
+        assert cfg["kind"] == kind and (out / kind / "model.safetensors").stat().st_size > 0
+    assert list((out / "feature-cache").glob("batch-*.safetensors"))

@@ -81,6 +81,10 @@ class TargetPoolClient:
         while True:
             try:
                 await self.refresh()
+            except RuntimeError as e:
+                if "after shutdown" in str(e):  # the replica is shutting down: its thread pool is gone
+                    return
+                log.exception("replica refresh failed")
             except Exception:
                 log.exception("replica refresh failed")
             self._first_refresh.set()

@@ -32,6 +32,13 @@ from workers.wire import CLIENT_OPTIONS, params_to_proto, tensor_from_proto, ten
 log = logging.getLogger(__name__)
 
 
+# How long, relative to the usual verdict -> next block latency (an EMA of its mean), the target waits before it
+# steps a sequence without a draft. A step without one yields a single token for a whole target forward, while the
+# block it gives up on was about to bring tau tokens: waiting into the latency's tail pays. (1.25x the mean cut a
+# draft-bound pipeline's tail off: 12 plain steps in 40 with a model drafter; bench/results/pipeline-*.)
+WAIT_MARGIN = 2.0
+
+
 @dataclass
 class _SeqState:
     params: SamplingParams
@@ -146,7 +153,7 @@ class RemoteDraftClient(DraftClient):
         # a plain target step would otherwise never be waited for, and every step would fall back to k = 0.
         # Until the first block has been timed, wait up to the cap: one slow first step, then the estimate.
         wait = self.max_wait_cap_s if self.latency_ema is None else min(
-            self.max_wait_cap_s, max(self.max_wait_s, 1.25 * self.latency_ema))
+            self.max_wait_cap_s, max(self.max_wait_s, WAIT_MARGIN * self.latency_ema))
         deadline = t0 + wait
         with self.cv:
             while True:

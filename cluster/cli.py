@@ -23,6 +23,17 @@ import time
 DEFAULT_TARGET = "smollm2-135m"
 
 
+def _add_setup_comparison_args(p: argparse.ArgumentParser, draft: str, k: int) -> None:
+    """What the benches comparing in-process and disaggregated setups share."""
+    p.add_argument("--target", default=DEFAULT_TARGET)
+    p.add_argument("--draft", default=draft)
+    p.add_argument("--k", type=int, default=k)
+    p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the target in every setup")
+    p.add_argument("--prompts", required=True)
+    p.add_argument("--limit", type=int, default=None)
+
+
 def _add_model_args(p: argparse.ArgumentParser, draft_default: str = "none") -> None:
     p.add_argument("--target", default=DEFAULT_TARGET, help="model name, .gguf file, HF directory or cached HF id")
     p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
@@ -84,13 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--json", dest="json_out", required=True)
 
     dg = bsub.add_parser("disagg", help="in-process vs disaggregated (with and without run-ahead), one run")
-    dg.add_argument("--target", default=DEFAULT_TARGET)
-    dg.add_argument("--draft", default="ngram")
-    dg.add_argument("--k", type=int, default=4)
-    dg.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
-    dg.add_argument("--threads", type=int, default=1, help="torch threads of the target in every setup")
-    dg.add_argument("--prompts", required=True)
-    dg.add_argument("--limit", type=int, default=None)
+    _add_setup_comparison_args(dg, draft="ngram", k=4)
     dg.add_argument("--concurrency", default="1,2,4,8")
     dg.add_argument("--requests-per-level", type=int, default=None)
     dg.add_argument("--max-tokens", type=int, default=128)
@@ -100,13 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = bsub.add_parser("pipeline", help="the draft/target pipeline alone, batch 1: in-process vs a gRPC draft "
                                           "worker in its own process, without and with run-ahead (no Ray, no HTTP)")
-    pl.add_argument("--target", default=DEFAULT_TARGET)
-    pl.add_argument("--draft", default="eagle")
-    pl.add_argument("--k", type=int, default=7)
-    pl.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
-    pl.add_argument("--threads", type=int, default=1, help="torch threads of the target in every setup")
-    pl.add_argument("--prompts", required=True)
-    pl.add_argument("--limit", type=int, default=None)
+    _add_setup_comparison_args(pl, draft="eagle", k=7)
     pl.add_argument("--max-tokens", type=int, default=64)
     pl.add_argument("--no-chat", action="store_true")
     pl.add_argument("--json", dest="json_out", required=True)

@@ -4,7 +4,7 @@
         --json pipeline.json
 
 The target runs here on `--threads` torch threads; the disaggregated draft worker runs in a child process on one
-thread (its own core here). Setups, measured one after the other on the same prompts at batch size 1:
+thread (its own core here). Setups, measured side by side on the same prompts at batch size 1 (prompt-major):
 
     in_process   SpecEngine + InProcessDraftClient: draft, then verify, on the target's threads
     remote_ahead1  SpecEngine + RemoteDraftClient, draft worker with ahead_blocks = 1 (no run-ahead)
@@ -17,13 +17,14 @@ pipeline itself costs or gains from Ray Serve and HTTP (bench/disagg.py measures
 
 from __future__ import annotations
 
-import socket
 import statistics
 import subprocess
 import sys
 import time
 
 import torch
+
+from bench.draft_rtt import _free_port
 
 _SERVER = """
 import sys, time, torch
@@ -37,12 +38,6 @@ server, worker, _ = serve_draft(drafter, sys.argv[2], port=int(sys.argv[1]), ahe
 print("ready", flush=True)
 time.sleep(float(sys.argv[6]))
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class _Setup:
@@ -111,8 +106,8 @@ def run_pipeline(target_name: str, draft: str, rows: list[dict], k: int, max_tok
             setups[f"remote_ahead{ahead}"] = _Setup(target, client, k, max_tokens)
         for s in setups.values():
             s.run(-1, prompts[0], record=False)  # warm up every path (first forward, stream set-up)
-        for s in setups.values():
-            if s.client is not None and hasattr(s.client, "rpc_latencies"):
+        for name, s in setups.items():
+            if name != "in_process":  # the remote clients' counters start after the warm-up
                 s.client.rpc_latencies.clear()
                 s.client.wait_seconds = 0.0
         for i, ids in enumerate(prompts):

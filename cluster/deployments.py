@@ -203,17 +203,19 @@ class TargetPool:
     async def check_health(self) -> None:
         self.engine.check_health()
 
+    def _live_sequences(self) -> int:
+        s = self.engine.stats()
+        return s["running"] + s["waiting"]
+
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's custom autoscaling metric: running + waiting sequences (cluster/autoscaling.py)."""
-        s = self.engine.stats()
-        return {SEQUENCES: float(s["running"] + s["waiting"])}
+        return {SEQUENCES: float(self._live_sequences())}
 
     def __del__(self):
         try:
             self.registration.close()  # the router stops picking this replica ...
             self.server.worker.draining = True  # ... also before its registry view refreshes
-            _drain(lambda: (lambda s: s["running"] + s["waiting"])(self.engine.stats()), self.drain_timeout_s,
-                   "target")
+            _drain(self._live_sequences, self.drain_timeout_s, "target")
             self.server.stop(1)
             self.engine.shutdown()
             self.drafts.close()

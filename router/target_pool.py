@@ -81,11 +81,9 @@ class TargetPoolClient:
         while True:
             try:
                 await self.refresh()
-            except RuntimeError as e:
-                if "after shutdown" in str(e):  # the replica is shutting down: its thread pool is gone
-                    return
-                log.exception("replica refresh failed")
-            except Exception:
+            except Exception as e:
+                if isinstance(e, RuntimeError) and "after shutdown" in str(e):  # the replica is shutting down
+                    return  # (its thread pool is gone)
                 log.exception("replica refresh failed")
             self._first_refresh.set()
             await asyncio.sleep(self.refresh_s)

@@ -121,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"])
     s.add_argument("--draft", default=None, help="drafter of the draft pool (default: ngram)")
     s.add_argument("--k", type=int, default=None, help="draft tokens verified per step")
+    s.add_argument("--min-confidence", type=float, default=None,
+                   help="eagle, dspark: end a draft where its predicted survival falls below this (0: full blocks)")
     s.add_argument("--tp", type=int, default=None, help="tensor-parallel ranks per target replica")
     s.add_argument("--target-replicas", type=int, default=None)
     s.add_argument("--draft-replicas", type=int, default=None)
@@ -270,6 +272,7 @@ def cmd_serve(args) -> int:
         "target.num_draft_tokens": args.k, "target.tp": args.tp, "target.num_replicas": args.target_replicas,
         "draft.num_replicas": args.draft_replicas, "router.host": args.host, "router.port": args.port,
         "router.api_key": args.api_key, "target.threads": args.threads, "target.max_batch": args.max_batch,
+        "draft.min_confidence": args.min_confidence,
     })
     if args.in_process:
         from cluster.local_serve import serve_in_process
@@ -277,7 +280,7 @@ def cmd_serve(args) -> int:
         t = cfg.target
         serve_in_process(target=t.model, draft=cfg.draft.drafter, k=t.num_draft_tokens, dtype=t.dtype,
                          host=cfg.router.host, port=cfg.router.port, max_batch=t.max_batch,
-                         api_key=cfg.router.api_key, threads=t.threads)
+                         api_key=cfg.router.api_key, threads=t.threads, min_confidence=cfg.draft.min_confidence)
         return 0
     from cluster.launch import serve_forever
     from workers.models.loader import resolve

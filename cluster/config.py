@@ -56,6 +56,9 @@ class DraftPoolConfig(PoolScaling):
     max_model_sequences: int = Field(16, ge=1, description="cap for drafters with a KV cache (model, learned): "
                                                            "each sequence holds a preallocated KV slot")
     ahead_blocks: int = Field(2, ge=1, le=8, description="blocks drafted past the last verdict (1 = no run-ahead)")
+    min_confidence: float | None = Field(
+        None, ge=0, le=1, description="eagle, dspark: end a draft after the token where its predicted survival "
+                                      "falls below this (0 = full blocks; default: the drafter's own)")
     num_cpus: float = Field(0.5, gt=0)
     resources: dict[str, float] = Field(default_factory=lambda: {"draft": 0.001})
 

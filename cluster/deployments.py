@@ -56,7 +56,7 @@ class DraftPool:
         # worker and decode without drafts), model-free drafters hold no per-sequence memory worth capping
         max_sequences = d.max_sequences if kind in ("ngram",) else min(d.max_sequences, d.max_model_sequences)
         drafter = build_drafter(d.drafter, target, dtype=d.dtype, max_batch=max_sequences,
-                                max_model_len=cfg.target.max_model_len)
+                                max_model_len=cfg.target.max_model_len, min_confidence=d.min_confidence)
         if drafter is None:
             raise ValueError("the draft pool needs a drafter (draft.drafter: none makes no sense here)")
         bind, advertise = _hosts(cfg)

@@ -14,6 +14,7 @@ side (needs matplotlib: `pip install matplotlib`).
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from workers.drafters.registry import build_drafter
+from workers.drafters.registry import build_drafter, parse_draft_spec
 from workers.engine.draft_client import InProcessDraftClient
 from workers.engine.engine import SpecEngine
 from workers.engine.prompting import encode_prompt
@@ -69,17 +70,23 @@ def expected_calibration_error(pairs: list[tuple[float, int]], bins: int = 10) -
 
 def run_eval(target: str, drafts: list[str], prompts: list[dict], k: int, max_tokens: int, dtype: str = "bf16",
              temperature: float = 0.0, chat: bool = True, rows_path: str | None = None, seed: int = 0,
-             max_model_len: int = 4096, min_confidence: float = 0.0, threads: int | None = None,
+             max_model_len: int = 4096, min_confidence: float | list[float | None] | None = None,
+             threads: int | None = None,
              progress: bool = True) -> dict:
     if threads:
         torch.set_num_threads(threads)
     lm = load_model(target, dtype)
-    specs = ["none"] + [d for d in drafts if d != "none"]
-    engines, clients = {}, {}
-    for spec in specs:
-        drafter = build_drafter(spec, lm, max_batch=1, max_model_len=max_model_len, min_confidence=min_confidence)
-        clients[spec] = RecordingClient(drafter) if drafter is not None else None
-        engines[spec] = SpecEngine(lm, clients[spec], max_batch=1, max_model_len=max_model_len)
+    bars = [min_confidence] if isinstance(min_confidence, (int, float)) or min_confidence is None \
+        else list(min_confidence)
+    engines, clients, specs = {}, {}, []
+    for spec in ["none"] + [d for d in drafts if d != "none"]:
+        sweep = parse_draft_spec(spec)[0] in ("eagle", "dspark") and len(bars) > 1
+        for bar in bars if sweep else bars[:1]:
+            name = f"{spec}@{bar:g}" if sweep else spec
+            drafter = build_drafter(spec, lm, max_batch=1, max_model_len=max_model_len, min_confidence=bar)
+            clients[name] = RecordingClient(drafter) if drafter is not None else None
+            engines[name] = SpecEngine(lm, clients[name], max_batch=1, max_model_len=max_model_len)
+            specs.append(name)
     encoded = [encode_prompt(lm.tokenizer, row["prompt"], chat) for row in prompts]
     stats = {s: dict(tokens=0, wall=0.0, drafts=0, accepted=0, per_pos=[0] * k) for s in specs}
     n = 0
@@ -183,6 +190,16 @@ def run_eval_cmd(args) -> int:
     return 0
 
 
+def _bars(text: str) -> list[float]:
+    try:
+        bars = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers in [0, 1] separated by commas, got {text!r}") from None
+    if not bars or not all(0 <= b <= 1 for b in bars):
+        raise argparse.ArgumentTypeError(f"expected numbers in [0, 1] separated by commas, got {text!r}")
+    return bars
+
+
 def add_eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="tau, acceptance per position, calibration and speed of drafters (batch 1)")
     p.add_argument("--target", default="smollm2-135m")
@@ -194,8 +211,9 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
-    p.add_argument("--min-confidence", type=float, default=0.0,
-                   help="dspark: end a block where the predicted survival falls below this (0: never)")
+    p.add_argument("--min-confidence", type=_bars, default=None, metavar="P[,P...]",
+                   help="eagle, dspark: end a draft after the token where its predicted survival falls below P "
+                        "(0: never; default: the drafter's own). Several values evaluate each drafter at each")
     p.add_argument("--no-chat", action="store_true", help="feed prompts raw instead of through the chat template")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)

@@ -165,6 +165,39 @@ def test_confidence_is_a_probability_and_tracks_acceptance(target, trained):
 
 
 @pytest.mark.parametrize("kind", ["eagle", "dspark"])
+def test_a_draft_ends_where_its_predicted_survival_falls_below_the_bar(target, trained, kind):
+    """min_confidence cuts each proposal right after the token whose cumulative confidence drops below the bar:
+    a prefix of the uncut proposal, as long as the confidences say, never changing the output."""
+    ids = [target.tokenizer.encode(p) for p in PROMPTS]
+    ref = [s.output_ids for s in _engine(target, None).run(_requests(ids, 0))]
+    proposals, longest = {}, 0
+    for bar in (0.0, 0.5, 1.0):
+        drafter = build_drafter(f"{kind}:{trained[kind]}", target, max_batch=8, max_model_len=MAX_LEN,
+                                min_confidence=bar)
+        assert drafter.min_confidence == bar
+        longest = min(5, drafter.max_draft_tokens)  # a dspark block is at most its trained size
+        got = proposals[bar] = []
+        orig = drafter.propose
+        drafter.propose = lambda r, orig=orig, got=got: got.extend(zip([x.k for x in r], orig(r))) or [
+            p for _, p in got[-len(r):]]
+        seqs = _engine(target, drafter).run(_requests(ids, 5))
+        assert [s.output_ids for s in seqs] == ref
+    for _, p in proposals[0.0]:
+        assert p.confidence is not None and len(p.confidence) == len(p.tokens)
+        assert all(0.0 <= c <= 1.0 for c in p.confidence)
+    cut = 0
+    for k, p in proposals[0.5]:
+        survive = [float(torch.tensor(p.confidence[:i + 1]).prod()) for i in range(len(p.tokens))]
+        assert all(s >= 0.5 for s in survive[:-1])  # every token before the last kept the bar
+        assert len(p.tokens) == min(k, longest) or survive[-1] < 0.5  # it stopped only where it fell under
+        cut += len(p.tokens) < min(k, longest)
+    assert cut > 0 and max(len(p.tokens) for _, p in proposals[0.0]) == longest
+    assert {len(p.tokens) for _, p in proposals[1.0] if p.tokens} == {1}  # nothing is certain: one per draft
+    with pytest.raises(ValueError, match="min_confidence"):
+        build_drafter(f"{kind}:{trained[kind]}", target, min_confidence=1.5)
+
+
+@pytest.mark.parametrize("kind", ["eagle", "dspark"])
 def test_running_ahead_continues_the_same_draft(target, trained, kind):
     """Tokens a draft worker assumed (past the target's features) are fed as if drafted: proposing after
     [ctx + d1 d2] gives d3 d4 of the proposal made after ctx."""
@@ -328,3 +361,21 @@ def test_several_drafters_train_together_on_shared_features(tiny_llama, data_dir
         assert build_drafter(f"{kind}:{tmp_path / kind}", target).kind == kind
     with pytest.raises(ValueError, match="expected one or more"):
         train_main(["--drafter", "mtp1,medusa", "--data", str(data_dir), "--out", str(tmp_path / "x")])
+
+
+def test_eval_sweeps_the_survival_bar_of_eagle_and_dspark(trained, tiny_llama, tmp_path):
+    from cluster.cli import main as cli
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"id": f"p{i}", "prompt": p}) for i, p in enumerate(PROMPTS[:2])))
+    rc = cli(["eval", "--target", str(tiny_llama), "--dtype", "fp32", "--draft", f"mtp1:{trained['mtp1']}",
+              "--draft", f"eagle:{trained['eagle']}", "--prompts", str(prompts), "--k", "4", "--max-tokens", "12",
+              "--no-chat", "--min-confidence", "0,1", "--json", str(tmp_path / "e.json")])
+    assert rc == 0
+    d = json.loads((tmp_path / "e.json").read_text())["drafters"]
+    eagle = f"eagle:{trained['eagle']}"
+    assert set(d) == {"none", f"mtp1:{trained['mtp1']}", f"{eagle}@0", f"{eagle}@1"}  # mtp1 has no bar to sweep
+    assert d[f"{eagle}@1"]["acceptance_per_pos"][1:] == [0.0, 0.0, 0.0]  # a bar of 1 leaves one token per draft
+    assert sum(d[f"{eagle}@0"]["acceptance_per_pos"][1:]) > 0
+    with pytest.raises(SystemExit):
+        cli(["eval", "--draft", "eagle", "--prompts", str(prompts), "--min-confidence", "0,2"])

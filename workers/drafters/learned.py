@@ -30,6 +30,9 @@ from workers.verify.sampling import filter_logits_to_probs, sample_from_probs
 
 CHECKPOINTS_DIR = Path(__file__).resolve().parent / "checkpoints"  # shipped drafters: checkpoints/<target>/<kind>
 CANDIDATES = 16  # dspark greedy: the Markov head re-ranks this many candidates of each position's parallel guess
+# Default predicted-survival bar at which a draft ends (`min_confidence`), per kind; measured on held-out chat
+# prompts with `specray eval --min-confidence ...` (README, "Learned drafters").
+DEFAULT_MIN_CONFIDENCE = {"mtp1": 0.0, "eagle": 0.0, "dspark": 0.0}
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------------------
@@ -97,14 +100,18 @@ class _State:
 
 class LearnedDrafter(Drafter):
     def __init__(self, head: DraftHead, max_batch: int = 8, max_model_len: int = 4096, max_draft_tokens: int = 16,
-                 min_confidence: float = 0.0):
+                 min_confidence: float | None = None):
         self.head = head
         self.cfg = head.cfg
         self.kind = head.cfg.kind
         self.feature_layers = tuple(head.cfg.feature_layers)
         self.max_draft_tokens = 1 if self.kind == "mtp1" else (
             head.cfg.block_size if self.kind == "dspark" else max_draft_tokens)
-        self.min_confidence = min_confidence  # dspark: end the block where the predicted survival drops below this
+        # End a draft after the token where its predicted survival (the product of per-token acceptance estimates:
+        # dspark's confidence head, eagle's own top probability) falls below this.
+        self.min_confidence = DEFAULT_MIN_CONFIDENCE[self.kind] if min_confidence is None else min_confidence
+        if not 0 <= self.min_confidence <= 1:
+            raise ValueError(f"min_confidence must be in [0, 1], got {self.min_confidence}")
         self.cache = head.new_cache(max_batch, max_model_len + self.max_draft_tokens + 2)
         self.states: dict[str, _State] = {}
         self.dtype = head.in_proj.weight.dtype
@@ -199,6 +206,8 @@ class LearnedDrafter(Drafter):
         outs = [st.anchor_out for st in states]  # current output per row: predicts the next position's token
         tokens: list[list[int]] = [[] for _ in range(R)]
         probs: list[list[torch.Tensor]] = [[] for _ in range(R)]
+        conf: list[list[float]] = [[] for _ in range(R)]
+        survive = [1.0] * R  # the draft's own estimate that every token so far is accepted
         total = [len(f) + n for f, n in zip(forced, want)]
         i = 0
         while True:
@@ -208,8 +217,13 @@ class LearnedDrafter(Drafter):
             if drafted:
                 lg = head.logits(torch.stack([outs[j] for j in drafted]))  # [n, Vd]
                 picks = self._pick([states[j] for j in drafted], lg, [probs[j] for j in drafted])
-                for j, t in zip(drafted, picks):
+                top = lg.softmax(-1).amax(-1).tolist()
+                for j, t, c in zip(drafted, picks, top):
                     tokens[j].append(t)
+                    conf[j].append(c)
+                    survive[j] *= c
+                    if survive[j] < self.min_confidence:  # EAGLE-2's dynamic draft: stop where the chain is
+                        total[j] = i + 1  # unlikely to survive; every head forward past it is mostly wasted
             nxt = [j for j in active if i + 1 < total[j]]
             if not nxt:
                 break
@@ -219,7 +233,7 @@ class LearnedDrafter(Drafter):
             for r, j in enumerate(nxt):
                 outs[j] = y[r]
             i += 1
-        return [DraftProposal(tokens[j], torch.stack(probs[j]) if probs[j] else None) for j in range(R)]
+        return [DraftProposal(tokens[j], torch.stack(probs[j]) if probs[j] else None, conf[j]) for j in range(R)]
 
     def _draft_block(self, states, forced, want) -> list[DraftProposal]:
         """dspark: the block's positions from one parallel forward, then the Markov head position by position."""
@@ -271,12 +285,10 @@ class LearnedDrafter(Drafter):
         out = []
         for j in range(R):
             n = len(tokens[j])
-            if self.min_confidence > 0 and n > 1:
+            if self.min_confidence > 0:  # the block ends after the token where survival falls below the bar
                 survive, keep = 1.0, 0
-                for cj in conf[j]:
-                    survive *= cj
-                    if survive < self.min_confidence and keep >= 1:
-                        break
+                while keep < n and survive >= self.min_confidence:
+                    survive *= conf[j][keep]
                     keep += 1
                 n = keep
             p = torch.stack(probs[j][:n]) if probs[j] else None

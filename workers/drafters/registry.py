@@ -27,8 +27,9 @@ def parse_draft_spec(spec: str) -> tuple[str, str | None]:
 
 
 def build_drafter(spec: str, target, dtype="fp32", max_batch: int = 8, max_model_len: int = 4096,
-                  min_confidence: float = 0.0) -> Drafter | None:
-    """target: the LoadedModel being served (learned drafters share its embedding and LM head)."""
+                  min_confidence: float | None = None) -> Drafter | None:
+    """target: the LoadedModel being served (learned drafters share its embedding and LM head). min_confidence:
+    eagle and dspark end a draft where its predicted survival falls below it (None: the drafter's default)."""
     kind, arg = parse_draft_spec(spec)
     if kind == "none":
         return None

@@ -80,9 +80,10 @@ def run_eval(target: str, drafts: list[str], prompts: list[dict], k: int, max_to
         else list(min_confidence)
     engines, clients, specs = {}, {}, []
     for spec in ["none"] + [d for d in drafts if d != "none"]:
-        sweep = parse_draft_spec(spec)[0] in ("eagle", "dspark") and len(bars) > 1
-        for bar in bars if sweep else bars[:1]:
-            name = f"{spec}@{bar:g}" if sweep else spec
+        spec, own = _split_bar(spec)
+        sweep = own is None and parse_draft_spec(spec)[0] in ("eagle", "dspark") and len(bars) > 1
+        for bar in [own] if own is not None else bars if sweep else bars[:1]:
+            name = f"{spec}@{bar:g}" if sweep or own is not None else spec
             drafter = build_drafter(spec, lm, max_batch=1, max_model_len=max_model_len, min_confidence=bar)
             clients[name] = RecordingClient(drafter) if drafter is not None else None
             engines[name] = SpecEngine(lm, clients[name], max_batch=1, max_model_len=max_model_len)
@@ -190,6 +191,20 @@ def run_eval_cmd(args) -> int:
     return 0
 
 
+def _split_bar(spec: str) -> tuple[str, float | None]:
+    """`eagle@0.3` -> ("eagle", 0.3): a drafter evaluated at its own survival bar."""
+    head, sep, tail = spec.rpartition("@")
+    if not sep:
+        return spec, None
+    try:
+        bar = float(tail)
+    except ValueError:
+        return spec, None  # an @ that belongs to a path
+    if not 0 <= bar <= 1:
+        raise ValueError(f"{spec}: the survival bar after @ must be in [0, 1]")
+    return head, bar
+
+
 def _bars(text: str) -> list[float]:
     try:
         bars = [float(x) for x in text.split(",") if x.strip()]
@@ -204,7 +219,8 @@ def add_eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="tau, acceptance per position, calibration and speed of drafters (batch 1)")
     p.add_argument("--target", default="smollm2-135m")
     p.add_argument("--draft", action="append", required=True,
-                   help="KIND:PATH, a shipped KIND (mtp1, eagle, dspark), ngram or model:PATH; repeatable")
+                   help="KIND:PATH, a shipped KIND (mtp1, eagle, dspark), ngram or model:PATH; repeatable; "
+                        "eagle and dspark take @P for their own survival bar (dspark@0.2)")
     p.add_argument("--prompts", required=True, help="JSONL prompt file ({'id', 'prompt'} rows)")
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--k", type=int, default=7, help="draft tokens per step (mtp1 always drafts 1)")

@@ -369,13 +369,16 @@ def test_eval_sweeps_the_survival_bar_of_eagle_and_dspark(trained, tiny_llama, t
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("\n".join(json.dumps({"id": f"p{i}", "prompt": p}) for i, p in enumerate(PROMPTS[:2])))
     rc = cli(["eval", "--target", str(tiny_llama), "--dtype", "fp32", "--draft", f"mtp1:{trained['mtp1']}",
-              "--draft", f"eagle:{trained['eagle']}", "--prompts", str(prompts), "--k", "4", "--max-tokens", "12",
-              "--no-chat", "--min-confidence", "0,1", "--json", str(tmp_path / "e.json")])
+              "--draft", f"eagle:{trained['eagle']}", "--draft", f"dspark:{trained['dspark']}@1", "--prompts",
+              str(prompts), "--k", "4", "--max-tokens", "12", "--no-chat", "--min-confidence", "0,1",
+              "--json", str(tmp_path / "e.json")])
     assert rc == 0
     d = json.loads((tmp_path / "e.json").read_text())["drafters"]
-    eagle = f"eagle:{trained['eagle']}"
-    assert set(d) == {"none", f"mtp1:{trained['mtp1']}", f"{eagle}@0", f"{eagle}@1"}  # mtp1 has no bar to sweep
-    assert d[f"{eagle}@1"]["acceptance_per_pos"][1:] == [0.0, 0.0, 0.0]  # a bar of 1 leaves one token per draft
+    eagle, dspark = f"eagle:{trained['eagle']}", f"dspark:{trained['dspark']}@1"
+    # mtp1 has no bar to sweep, dspark brought its own
+    assert set(d) == {"none", f"mtp1:{trained['mtp1']}", f"{eagle}@0", f"{eagle}@1", dspark}
+    for name in (f"{eagle}@1", dspark):
+        assert d[name]["acceptance_per_pos"][1:] == [0.0, 0.0, 0.0]  # a bar of 1 leaves one token per draft
     assert sum(d[f"{eagle}@0"]["acceptance_per_pos"][1:]) > 0
     with pytest.raises(SystemExit):
         cli(["eval", "--draft", "eagle", "--prompts", str(prompts), "--min-confidence", "0,2"])

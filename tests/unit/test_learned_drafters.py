@@ -200,8 +200,8 @@ def test_a_draft_ends_where_its_predicted_survival_falls_below_the_bar(target, t
 @pytest.mark.parametrize("kind", ["eagle", "dspark"])
 def test_running_ahead_continues_the_same_draft(target, trained, kind):
     """Tokens a draft worker assumed (past the target's features) are fed as if drafted: proposing after
-    [ctx + d1 d2] gives d3 d4 of the proposal made after ctx."""
-    drafter = build_drafter(f"{kind}:{trained[kind]}", target, max_batch=2, max_model_len=MAX_LEN)
+    [ctx + d1 d2] gives d3 d4 of the proposal made after ctx (full blocks: no survival bar)."""
+    drafter = build_drafter(f"{kind}:{trained[kind]}", target, max_batch=2, max_model_len=MAX_LEN, min_confidence=0)
     eng = _engine(target, drafter, max_batch=1)
     ids = target.tokenizer.encode(PROMPTS[0])
     (seq,) = eng.run([Request("warm", list(ids), max_tokens=5, num_draft_tokens=0, ignore_eos=True)])

@@ -35,7 +35,7 @@ CHECKPOINTS_DIR = Path(__file__).resolve().parent / "checkpoints"  # shipped dra
 CANDIDATES = 256
 # Default predicted-survival bar at which a draft ends (`min_confidence`), per kind; measured on held-out chat
 # prompts with `specray eval --min-confidence ...` (README, "Learned drafters").
-DEFAULT_MIN_CONFIDENCE = {"mtp1": 0.0, "eagle": 0.3, "dspark": 0.0}
+DEFAULT_MIN_CONFIDENCE = {"mtp1": 0.0, "eagle": 0.3, "dspark": 0.3}
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------------------

@@ -81,9 +81,13 @@ def run_eval(target: str, drafts: list[str], prompts: list[dict], k: int, max_to
     engines, clients, specs = {}, {}, []
     for spec in ["none"] + [d for d in drafts if d != "none"]:
         spec, own = _split_bar(spec)
-        sweep = own is None and parse_draft_spec(spec)[0] in ("eagle", "dspark") and len(bars) > 1
-        for bar in [own] if own is not None else bars if sweep else bars[:1]:
-            name = f"{spec}@{bar:g}" if sweep or own is not None else spec
+        if own is not None:  # KIND@P: this drafter at its own bar
+            setups = [(f"{spec}@{own:g}", own)]
+        elif parse_draft_spec(spec)[0] in ("eagle", "dspark") and len(bars) > 1:  # one setup per bar
+            setups = [(f"{spec}@{bar:g}", bar) for bar in bars]
+        else:
+            setups = [(spec, bars[0])]
+        for name, bar in setups:
             drafter = build_drafter(spec, lm, max_batch=1, max_model_len=max_model_len, min_confidence=bar)
             clients[name] = RecordingClient(drafter) if drafter is not None else None
             engines[name] = SpecEngine(lm, clients[name], max_batch=1, max_model_len=max_model_len)

@@ -260,8 +260,8 @@ class LearnedDrafter(Drafter):
             active = [j for j in range(R) if i < total[j]]
             if not active:
                 break
-            base = head.logits(o_all[active, i])  # [n, Vd] the parallel guess at position i
             z = o_all[active, i]
+            base = head.logits(z)  # [n, Vd] the parallel guess at position i
             if i > 0:
                 p = torch.tensor([prev[j] for j in active], device=z.device)
                 z = head.markov(z, p)

@@ -34,8 +34,8 @@ log = logging.getLogger(__name__)
 
 # How long, relative to the usual verdict -> next block latency (an EMA of its mean), the target waits before it
 # steps a sequence without a draft. A step without one yields a single token for a whole target forward, while the
-# block it gives up on was about to bring tau tokens: waiting into the latency's tail pays. (1.25x the mean cut a
-# draft-bound pipeline's tail off: 12 plain steps in 40 with a model drafter; bench/results/pipeline-*.)
+# block it gives up on was about to bring tau tokens: waiting into the latency's tail pays. (With a model drafter,
+# a draft-bound pipeline took 12 of ~40 steps without a draft at 1.25x the mean, 2-4 at 2x; bench/results/pipeline-*.)
 WAIT_MARGIN = 2.0
 
 

@@ -9,7 +9,6 @@ the (tiny) ngram proposal. Run it on a quiet machine; under CPU contention threa
 
 from __future__ import annotations
 
-import socket
 import statistics
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import time
 from workers.drafters.base import DraftRequest
 from workers.engine.remote_draft import RemoteDraftClient
 from workers.params import SamplingParams
+from workers.wire import free_port
 
 _SERVER = """
 import sys, time
@@ -28,14 +28,9 @@ time.sleep(float(sys.argv[2]))
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def run_draft_rtt(steps: int = 300, k: int = 4, warmup: int = 20, timeout_s: float = 120.0) -> dict:
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-c", _SERVER, str(port), str(timeout_s)])
     try:
         client = RemoteDraftClient(f"127.0.0.1:{port}", k=k, max_wait_s=1.0, connect_timeout_s=30)

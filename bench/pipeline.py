@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from bench.draft_rtt import _free_port
+from workers.wire import free_port
 
 _SERVER = """
 import sys, time, torch
@@ -71,7 +71,7 @@ class _Setup:
 
 
 def _start_worker(draft: str, target_name: str, dtype: str, ahead: int) -> tuple[subprocess.Popen, int]:
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-c", _SERVER, str(port), draft, target_name, dtype, str(ahead), "3600"],
                             stdout=subprocess.PIPE, text=True)
     if proc.stdout.readline().strip() != "ready":

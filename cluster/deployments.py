@@ -19,6 +19,7 @@ from ray import serve
 from cluster.autoscaling import SEQUENCES
 from cluster.config import SpecrayConfig
 from cluster.registry import Registration, lister
+from workers.wire import free_port
 
 log = logging.getLogger(__name__)
 
@@ -107,13 +108,6 @@ def _drain(live, timeout_s: float, kind: str, poll_s: float = 0.2) -> int:
     return n
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 class TPFollower:
     """Ranks 1.. of a target replica's TP group: a Ray actor placed in the replica's own placement group (the
@@ -146,7 +140,7 @@ def _start_followers(config: dict, world: int, threads: int) -> tuple[list, int]
     pg = ray.util.get_current_placement_group()
     if pg is None:
         raise RuntimeError("tp > 1 needs the replica's placement group (cluster/builder.py sets it)")
-    port = _free_port()
+    port = free_port()
     actor = ray.remote(TPFollower)
     refs = []
     for rank in range(1, world):

@@ -7,7 +7,8 @@ For a batch of sequences (prompt + the target's own answer) and the target's fea
   way serving drafts them (eagle: a chain fed with its own outputs; dspark: mask embeddings in one parallel pass,
   then the Markov head with the previous token teacher-forced) and scored with weights decaying with position;
 - dspark also: total variation to the target's distribution (renormalised on the draft vocabulary) and binary
-  cross-entropy for the confidence head, whose label is whether the drafted token is right.
+  cross-entropy for the confidence head, whose label is whether the drafted token is right, on the positions
+  whose earlier positions are all right (the ones verification judges: `judged_positions`).
 Besides the loss it returns the numbers the trainer reports: top-1 agreement at each position and the greedy
 acceptance length a block would get (1 + the expected number of leading correct positions; exact for greedy
 verification, since position i is drafted from the same inputs the test uses whenever the positions before it
@@ -101,8 +102,9 @@ class DraftObjective(nn.Module):
                 stats["tv"] = tv_loss.detach()
             max_prob = head.logits(o).softmax(-1).amax(-1)  # [B, A, K] confidence of the parallel guess
             conf_logit = head.confidence_logit(z, max_prob)
+            judged = judged_positions(correct, valid)
             bce = F.binary_cross_entropy_with_logits(conf_logit, correct.float(), reduction="none")
-            loss = loss + self.confidence_weight * (bce * valid).sum() / valid.sum().clamp(min=1)
+            loss = loss + self.confidence_weight * (bce * judged).sum() / judged.sum().clamp(min=1)
             stats["conf"] = torch.sigmoid(conf_logit.detach())
         stats["loss"] = loss
         stats["correct"] = correct.detach()
@@ -114,6 +116,19 @@ class DraftObjective(nn.Module):
         run = correct.long().cumprod(-1).sum(-1).float()  # [B, A]
         stats["sim_tau"] = 1 + (run * full).sum() / full.sum().clamp(min=1)
         return stats
+
+
+def judged_positions(correct: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[..., K] bool: the block positions verification would judge, those whose earlier positions are all right.
+
+    The confidence head learns on these only, so that it predicts P(position i accepted | positions before it
+    accepted): serving multiplies these along the block into the predicted survival its draft-length bar reads
+    (`min_confidence`). Trained on every position instead, it learned the unconditional rate and came out
+    under-confident on the positions that matter (right answers cluster: a block that got position 1 right is an
+    easy one).
+    """
+    before_ok = torch.cat([torch.ones_like(correct[..., :1]), correct[..., :-1].long().cumprod(-1).bool()], dim=-1)
+    return valid & before_ok
 
 
 def _acc(logits: torch.Tensor, labels: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,8 @@ Tensors travel as raw little-endian bytes plus dtype and shape (bf16 as its 16-b
 
 from __future__ import annotations
 
+import socket
+
 import torch
 
 from protos import specray_pb2 as pb
@@ -70,3 +72,10 @@ def params_to_proto(p: SamplingParams) -> pb.SamplingParams:
 def params_from_proto(msg: pb.SamplingParams) -> SamplingParams:
     return SamplingParams(temperature=msg.temperature, top_k=msg.top_k, top_p=msg.top_p or 1.0,
                           seed=msg.seed if msg.HasField("seed") else None)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now (for a gRPC server or a torch.distributed rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]

@@ -18,7 +18,6 @@ import copy
 import json
 import multiprocessing.connection
 import shutil
-import socket
 import time
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from workers.engine.tp_group import TPLeader, follower_loop, init_process_group
 from workers.models.config import ModelArgs
 from workers.models.loader import load_model
 from workers.models.tp import apply_tensor_parallel, plan_shard, split_sizes
+from workers.wire import free_port
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -115,11 +115,6 @@ def test_shards_reassemble_the_unsplit_layers(uneven_llama):
 # ----------------------------------------------------------------------------------- spawning a TP group
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _rank_main(rank: int, world: int, port: int, fn, args) -> None:
     torch.set_num_threads(1)
@@ -133,7 +128,7 @@ def _rank_main(rank: int, world: int, port: int, fn, args) -> None:
 def _spawn_world(fn, *args) -> None:
     """Run fn(rank, WORLD, *args) in WORLD spawned processes; fail fast if one fails, kill all on timeout."""
     ctx = mp.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_rank_main, args=(r, WORLD, port, fn, args), name=f"tp-rank{r}", daemon=True)
              for r in range(WORLD)]
     for p in procs:

@@ -13,6 +13,7 @@ import json
 import pytest
 import torch
 
+from training.objective import judged_positions
 from training.train import main as train_main
 from workers.drafters.base import DraftRequest
 from workers.drafters.learned import LearnedDrafter, load_head, save_head
@@ -314,6 +315,18 @@ def test_training_on_ray_train(tiny_llama, data_dir, tmp_path, monkeypatch):
         ray.shutdown()
     assert json.loads((tmp_path / "ray" / "training_args.json").read_text())["steps"] == 4
     load_head(tmp_path / "ray")
+
+
+def test_the_confidence_head_learns_only_where_verification_would_judge():
+    """A block position counts for the confidence loss only when every earlier position is right: serving
+    multiplies the confidences into P(all accepted so far), so each must be P(accepted | earlier accepted)."""
+    correct = torch.tensor([[True, True, False, True],   # a miss at 2: 3 is never judged
+                            [False, True, True, True],   # a miss at 0: only 0 is judged
+                            [True, True, True, True]])
+    valid = torch.tensor([[True] * 4, [True] * 4, [True, True, True, False]])  # row 2 runs past the sequence
+    judged = judged_positions(correct, valid)
+    assert judged.tolist() == [[True, True, True, False], [True, False, False, False], [True, True, True, False]]
+    assert judged_positions(correct[:, :1], valid[:, :1]).all()  # the first position is always judged
 
 
 def test_expected_calibration_error():

@@ -71,6 +71,9 @@ class RouterConfig(_Strict):
     num_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(0.25, gt=0)
     model_name: str | None = Field(None, description="name served at /v1/models (default: the target model)")
+    request_timeout_s: float = Field(
+        600.0, gt=0, description="a request still generating after this long is aborted on its target replica and "
+                                 "answered 504 (an error event for a stream that already started)")
 
 
 class SpecrayConfig(_Strict):

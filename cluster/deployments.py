@@ -232,7 +232,8 @@ class Router:
         cfg = SpecrayConfig.model_validate(config)
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         tokenizer = AutoTokenizer.from_pretrained(resolve(cfg.target.model))
-        self.pool = TargetPoolClient(lister(cfg.name, "target"), lister(cfg.name, "draft"))
+        self.pool = TargetPoolClient(lister(cfg.name, "target"), lister(cfg.name, "draft"),
+                                     request_timeout_s=cfg.router.request_timeout_s)
         self._asgi = build_app(self.pool, cfg.served_model_name, tokenizer, cfg.router.api_key,
                              max_model_len=cfg.target.max_model_len,
                              default_num_draft_tokens=cfg.target.num_draft_tokens)

@@ -49,7 +49,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from router.errors import EngineUnavailable
+from router.errors import EngineUnavailable, RequestTimeout
 from workers.engine.sequence import Request
 from workers.params import SamplingParams
 
@@ -270,6 +270,10 @@ def build_app(engine_client, model_name: str, tokenizer, api_key: str | None = N
         out.headers["Retry-After"] = str(e.retry_after_s)
         return out
 
+    @app.exception_handler(RequestTimeout)
+    async def _timeout(_, e: RequestTimeout):
+        return _error(504, str(e), type="timeout")
+
     @app.exception_handler(Exception)
     async def _unexpected(request: HTTPRequest, e: Exception):
         log.exception("unhandled error in %s %s", request.method, request.url.path)
@@ -456,6 +460,8 @@ def build_app(engine_client, model_name: str, tokenizer, api_key: str | None = N
                         item = await gen.__anext__()
                     if include_usage:
                         yield sse([], usage=usage(item.stats))
+                except RequestTimeout as e:  # the status line is gone: report in-band, then end the stream
+                    yield f"data: {json.dumps(_error_body(str(e), 'timeout'))}\n\n"
                 except Exception:  # the status line is gone: report in-band, then end the stream properly
                     log.exception("stream %s failed", rid)
                     yield f"data: {json.dumps(_error_body('internal server error', 'internal_server_error'))}\n\n"

@@ -8,3 +8,8 @@ class EngineUnavailable(RuntimeError):
     answers 503 with a Retry-After header, as a load balancer in front of it expects."""
 
     retry_after_s = 1
+
+
+class RequestTimeout(RuntimeError):
+    """The request was still generating when the router's deadline (`router.request_timeout_s`) passed: the API
+    answers 504 (in-band for a stream that already started); the target aborts the sequence, freeing its slot."""

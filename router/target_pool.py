@@ -22,7 +22,7 @@ import grpc
 
 from protos import specray_pb2 as pb
 from protos import specray_pb2_grpc as pb_grpc
-from router.errors import EngineUnavailable
+from router.errors import EngineUnavailable, RequestTimeout
 from workers.engine.async_engine import GenerationDelta, SequenceStats
 from workers.engine.sequence import Request
 from workers.wire import CLIENT_OPTIONS, params_to_proto
@@ -163,6 +163,9 @@ class TargetPoolClient:
             except grpc.aio.AioRpcError as e:
                 if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
                     raise ValueError(e.details()) from None
+                if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:  # the target saw the call end and aborted it
+                    raise RequestTimeout(f"the request did not finish within {self.request_timeout_s:g} s "
+                                         "(router.request_timeout_s)") from None
                 if not started and e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN):
                     target.healthy = False  # replica died before serving us: try another one
                     tried.add(target.address)

@@ -7,6 +7,7 @@ tokenisation, detokenisation, stop handling and streaming are checked against gr
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http.client
 import json
@@ -19,6 +20,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import openai
 import pytest
@@ -465,3 +467,62 @@ def test_no_target_replica_is_a_503_with_retry_after(reference):
             assert resp.status == 503 and resp.getheader("Retry-After") == "1", (resp.status, data)
             assert data["error"]["type"] == "service_unavailable" and "target replica" in data["error"]["message"]
             assert time.monotonic() - t >= 0.3  # it waited for a replica first
+
+
+class _SlowEngine:
+    """AsyncEngine stand-in behind a real target gRPC server: one token, then nothing until the call is cancelled;
+    records which sequences were aborted (their generator closed)."""
+
+    def __init__(self):
+        self.aborted: list[str] = []
+        self.engine = SimpleNamespace(max_model_len=MAX_LEN, max_draft_tokens=0, fallback_steps=0,
+                                      runner=SimpleNamespace(vocab_size=10, cache=SimpleNamespace(num_slots=2)))
+
+    def validate(self, req: Request) -> None:
+        pass
+
+    async def generate(self, req: Request):
+        try:
+            yield GenerationDelta(req.seq_id, [req.prompt_ids[0]])
+            await asyncio.sleep(3600)
+        finally:
+            self.aborted.append(req.seq_id)
+
+    def stats(self) -> dict:
+        return dict(running=0, waiting=0, num_drafts=0, num_draft_tokens=0, num_accepted_tokens=0,
+                    accepted_per_pos=[], prompt_tokens=0, completion_tokens=0, finished=0, aborted=0)
+
+    def check_health(self) -> None:
+        pass
+
+
+def test_a_request_past_the_router_deadline_is_a_504_and_is_aborted_on_the_target(reference):
+    """router.request_timeout_s: a request still generating when it passes gets a 504 (an in-band error event when
+    the stream already started), never a 500, and the target replica aborts the sequence."""
+    from router.target_pool import TargetPoolClient
+    from workers.servers.target_server import TargetServer, TargetWorker
+
+    engine = _SlowEngine()
+    target = TargetServer(TargetWorker(engine, None, MODEL))
+    pool = TargetPoolClient(lambda: [f"127.0.0.1:{target.port}"], lambda: [], refresh_s=0.05, request_timeout_s=0.5)
+    app = build_app(pool, MODEL, reference.tokenizer, max_model_len=MAX_LEN)
+    try:
+        with serving(app) as port:
+            stub = type("Stub", (), {"port": port})
+            t = time.monotonic()
+            status, data = raw(stub, "POST", C, OK | {"prompt": [3, 5]})
+            assert status == 504, (status, data)
+            err = json.loads(data)["error"]
+            assert err["type"] == "timeout" and "router.request_timeout_s" in err["message"]
+            assert 0.5 <= time.monotonic() - t < 10
+            status, data = raw(stub, "POST", C, OK | {"prompt": [3, 5], "stream": True})
+            events = [e for e in data.decode().split("\n\n") if e]
+            assert status == 200 and events[-1] == "data: [DONE]"
+            assert json.loads(events[0][len("data: "):])["choices"][0]["text"]  # the token before the deadline
+            assert json.loads(events[-2][len("data: "):])["error"]["type"] == "timeout"
+            deadline = time.monotonic() + TIMEOUT
+            while len(engine.aborted) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert len(engine.aborted) == 2  # both sequences were freed on the target
+    finally:
+        target.stop()

@@ -4,13 +4,13 @@
 # batch feeds all three).
 #
 #   bash training/recipes/smollm2-135m.sh OUT_DIR                # what produced the shipped drafters: a 2-core
-#                                                                # CPU machine, 70 min of data + 50 min of training
+#                                                                # CPU machine, 80 min of data + 45 min of training
 #   DEVICE=cuda bash training/recipes/smollm2-135m.sh OUT_DIR    # one GPU: bigger batches, more data
 #
 # Knobs (environment): TARGET (default smollm2-135m: a name, .gguf, or HF directory), DEVICE (cpu|cuda),
 # KINDS (default "dspark,eagle,mtp1"), PROMPTS (a prompt file instead of the built-in corpus), DATA_S (seconds of
 # answer generation), MORE_S (seconds of a second, --resume pass that answers only the prompts the first one did
-# not reach; default 900 on CPU, 0 on GPU), FEATURE_CACHE=1 (keep the first epoch's target features on disk, a
+# not reach; default 1500 on CPU, 0 on GPU), FEATURE_CACHE=1 (keep the first epoch's target features on disk, a
 # few GB, and read them back in later epochs), TRAIN_MIN (minutes of training), SPECRAY (how to call the CLI;
 # default `specray`). The shipped drafters' prompts include passages of the Python manual: install Debian's
 # `python3-doc` first (`apt-get install python3-doc`), or the passage pool is the stdlib docstrings alone.
@@ -22,7 +22,7 @@ DEVICE=${DEVICE:-cpu}
 KINDS=${KINDS:-dspark,eagle,mtp1}
 SPECRAY=${SPECRAY:-specray}
 if [ "$DEVICE" = cpu ]; then
-  DATA_S=${DATA_S:-3300}; MORE_S=${MORE_S:-900}; TRAIN_MIN=${TRAIN_MIN:-50}
+  DATA_S=${DATA_S:-3300}; MORE_S=${MORE_S:-1500}; TRAIN_MIN=${TRAIN_MIN:-45}
   DATA_ARGS="--builtin 7000 --self-instruct 0 --batch-size 64"
   TRAIN_ARGS="--batch-tokens 4096 --eval-every 40 --eval-batches 3 --epochs 10"
 else

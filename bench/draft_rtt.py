@@ -28,7 +28,6 @@ time.sleep(float(sys.argv[2]))
 """
 
 
-
 def run_draft_rtt(steps: int = 300, k: int = 4, warmup: int = 20, timeout_s: float = 120.0) -> dict:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-c", _SERVER, str(port), str(timeout_s)])

@@ -108,7 +108,6 @@ def _drain(live, timeout_s: float, kind: str, poll_s: float = 0.2) -> int:
     return n
 
 
-
 class TPFollower:
     """Ranks 1.. of a target replica's TP group: a Ray actor placed in the replica's own placement group (the
     STRICT_PACK bundles of `cluster/builder.py`), so every rank is on the replica's node."""

@@ -34,6 +34,7 @@ from workers.engine.draft_client import InProcessDraftClient
 from workers.engine.engine import SpecEngine
 from workers.engine.sequence import Request
 from workers.models.loader import load_model
+from workers.wire import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "tiny-llama"
@@ -352,9 +353,7 @@ def test_non_streamed_disconnect_aborts_the_sequence(server):
 def test_serve_in_process_stops_cleanly_on_signal(tiny_llama, sig):
     """The real entry point in a subprocess: a signal while a stream is open lets the stream finish, then the
     process exits with code 0 after the engine thread has stopped."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "cluster.local_serve", "--target", str(tiny_llama), "--draft",
                              "ngram", "--port", str(port), "--max-model-len", str(MAX_LEN)],
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=REPO,

@@ -115,7 +115,6 @@ def test_shards_reassemble_the_unsplit_layers(uneven_llama):
 # ----------------------------------------------------------------------------------- spawning a TP group
 
 
-
 def _rank_main(rank: int, world: int, port: int, fn, args) -> None:
     torch.set_num_threads(1)
     init_process_group(rank, world, "127.0.0.1", port, backend="gloo", timeout_s=TIMEOUT_S / 2)

@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from bench.serve import endpoint_url, percentiles, run_serve_bench, throughput_at_slo
+from workers.wire import free_port
 
 MODEL = "fake-model"
 API_KEY = "test-key"
@@ -245,9 +246,7 @@ def test_a_stalled_request_times_out(fake_server):
 
 
 def test_unreachable_server_is_an_error_not_a_hang():
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nobody listens on it
     (lv,) = run_serve_bench(f"http://127.0.0.1:{port}", [{"prompt": "x"}], [1], max_tokens=4,
                             requests_per_level=2, timeout_s=2, model="m")["levels"]
     assert lv["requests"] == 2 and lv["errors"] == 2

@@ -25,6 +25,7 @@ from workers.engine.sequence import Request
 from workers.models.loader import load_model
 from workers.params import SamplingParams
 from workers.servers.draft_server import serve_draft
+from workers.wire import free_port
 
 KINDS = ("mtp1", "eagle", "dspark")
 PROMPTS = ["The quick brown fox", "def add(a, b):", "Hello world", "1 + 1 = 2", "Once upon a time", "x = [1, 2,"]
@@ -278,11 +279,8 @@ def test_data_parallel_training_with_torchrun(tiny_llama, data_dir, tmp_path):
     import sys
 
     import signal
-    import socket
 
-    with socket.socket() as sock:  # a free port for the rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # for the rendezvous
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
            "-m", "training.train", "--target", str(tiny_llama), "--drafter", "mtp1", "--data", str(data_dir),
            "--out", str(tmp_path / "ddp"), "--max-steps", "4", "--eval-every", "4", "--batch-tokens", "512",

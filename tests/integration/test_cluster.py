@@ -22,10 +22,13 @@ APP = "itest"
 
 
 def _metric(text: str, name: str) -> float:
-    total = 0.0
+    """Sum of a sample over its labels; a name the page does not expose fails (a misspelt name reads as 0)."""
+    total, found = 0.0, False
     for line in text.splitlines():
         if line.startswith(name + "{") or line.startswith(name + " "):
             total += float(line.rsplit(" ", 1)[1])
+            found = True
+    assert found, f"/metrics has no sample named {name}"
     return total
 
 
@@ -90,7 +93,7 @@ def test_greedy_over_http_matches_in_process_and_tau_is_k_plus_1(cluster, tiny_l
         after = requests.get(url + "/metrics", timeout=10).text
         counts = tuple(_metric(after, name) - _metric(before, name)
                        for name in ("vllm:spec_decode_num_drafts_total", "vllm:spec_decode_num_draft_tokens_total",
-                                    "vllm:spec_decode_num_accepted_tokens_total", "specray:fallback_steps"))
+                                    "vllm:spec_decode_num_accepted_tokens_total", "specray:fallback_steps_total"))
         drafts, drafted, accepted, fallback = counts
         capped = total - (n_seq + fallback + drafts + accepted)
         if capped == 0 or (counts == last and 0 <= capped <= n_seq) or time.monotonic() > deadline:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import math
 import os
 import random
@@ -37,6 +38,8 @@ from training.features import FeatureCache, FeatureExtractor
 from training.objective import DraftObjective
 from workers.drafters.head import KINDS, DraftHead, HeadConfig
 from workers.drafters.learned import save_head
+
+log = logging.getLogger(__name__)
 
 DEFAULTS = {  # per kind: layers of the head, its MLP width, block, which target layers it reads
     "mtp1": dict(num_layers=1, intermediate_size=1536, block_size=1, features="last"),
@@ -140,6 +143,44 @@ def build_head(args, target, rows, kind: str) -> DraftHead:
     return head
 
 
+def init_checkpoint(spec: str, kind: str, target_name: str, several: bool) -> Path:
+    """Where `--init` points for `kind`: `shipped` (the drafter shipped for the target), or a directory holding the
+    checkpoint itself (one kind) or one subdirectory per kind (several, as `--out` writes them)."""
+    from workers.drafters.learned import shipped_checkpoint
+
+    if spec == "shipped":
+        path = shipped_checkpoint(kind, target_name)
+        if path is None:
+            raise ValueError(f"--init shipped: no {kind} drafter is shipped for {target_name}; pass a checkpoint "
+                             "directory written by `specray train`")
+        return path
+    path = Path(spec) / kind if several or not (Path(spec) / "config.json").is_file() else Path(spec)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"--init {spec}: no {kind} checkpoint at {path} (expected config.json and model.safetensors)")
+    return path
+
+
+def initial_head(args, target, rows, kind: str, target_name: str, several: bool) -> DraftHead:
+    """A new head (`build_head`), or with `--init` a trained one to continue from: its architecture and draft
+    vocabulary are the checkpoint's, so architecture flags are ignored."""
+    if not args.init:
+        return build_head(args, target, rows, kind)
+    from workers.drafters.learned import load_head
+
+    path = init_checkpoint(args.init, kind, target_name, several)
+    head = load_head(path)
+    a = target.args
+    if head.cfg.kind != kind:
+        raise ValueError(f"--init: {path} holds a checkpoint of kind {head.cfg.kind}, not {kind}")
+    if (head.cfg.hidden_size, head.cfg.vocab_size) != (a.hidden_size, a.vocab_size) or \
+            max(head.cfg.feature_layers) >= a.num_layers:
+        raise ValueError(f"--init: {path} was trained for another target (d={head.cfg.hidden_size}, vocab="
+                         f"{head.cfg.vocab_size}, layers {head.cfg.feature_layers}); this one has d={a.hidden_size}, "
+                         f"vocab={a.vocab_size}, {a.num_layers} layers")
+    log.info("%s: starting from %s", kind, path)
+    return head.float()
+
+
 def _ray_worker() -> bool:
     try:
         from ray import train as ray_train
@@ -164,12 +205,13 @@ def _setup_distributed() -> tuple[int, int]:
 class _Trainee:
     """One drafter being trained: its head, objective (DDP-wrapped when distributed), optimizer and checkpoints."""
 
-    def __init__(self, args, kind: str, out: Path, target, rows, device, world: int, union: list[int]):
+    def __init__(self, args, kind: str, out: Path, target, rows, device, world: int, union: list[int],
+                 target_name: str, several: bool):
         self.kind, self.out = kind, out
         self.state_path = out / "state" / "trainer_state.pt"
-        self.head = build_head(args, target, rows, kind)
+        self.head = initial_head(args, target, rows, kind, target_name, several)
         self.resume = None
-        if args.resume and self.state_path.is_file():
+        if args.resume and self.state_path.is_file():  # --resume wins over --init: the run has begun already
             self.resume = torch.load(self.state_path, map_location="cpu", weights_only=False)
             self.head.set_draft_vocab(self.resume["head"]["draft_vocab"])
             self.head.load_state_dict(self.resume["head"])
@@ -213,6 +255,10 @@ def train(args) -> dict:
     if kinds == ["model"]:
         from training.distill import distill
 
+        if getattr(args, "init", ""):
+            raise ValueError("--init continues a trained mtp1/eagle/dspark head; a model drafter starts from "
+                             "--student PATH")
+
         return distill(args)
     if "model" in kinds:
         raise ValueError("--drafter model trains a whole small LM and runs on its own; train it separately from "
@@ -242,11 +288,16 @@ def train(args) -> dict:
     out = Path(args.out)
     union: list[int] = []
     for kind in kinds:
-        for layer in feature_layers(args.feature_layers or DEFAULTS[kind]["features"], target.args.num_layers):
+        if args.init:  # the checkpoint's own layers
+            path = init_checkpoint(args.init, kind, lm.name, len(kinds) > 1)
+            layers = json.loads((path / "config.json").read_text())["feature_layers"]
+        else:
+            layers = feature_layers(args.feature_layers or DEFAULTS[kind]["features"], target.args.num_layers)
+        for layer in layers:
             if layer not in union:
                 union.append(layer)
-    trainees = [_Trainee(args, kind, out if len(kinds) == 1 else out / kind, target, rows, device, world, union)
-                for kind in kinds]
+    trainees = [_Trainee(args, kind, out if len(kinds) == 1 else out / kind, target, rows, device, world, union,
+                         lm.name, len(kinds) > 1) for kind in kinds]
     extractor = FeatureExtractor(target, union)
     batches = make_batches(rows, args.batch_tokens, args.seed)
     steps_per_epoch = max(len(batches) // world, 1)
@@ -407,6 +458,10 @@ def add_train_parser(sub) -> None:
     p.add_argument("--eval-batches", type=int, default=8)
     p.add_argument("--feature-cache", default="", help="keep target features in safetensors shards here")
     p.add_argument("--resume", action="store_true", help="continue from --out/state/trainer_state.pt")
+    p.add_argument("--init", default="", metavar="DIR|shipped",
+                   help="start from trained weights (fine-tune): a checkpoint directory (one per kind, as --out "
+                        "writes them, for several kinds) or `shipped`, the drafters shipped for --target; the "
+                        "architecture and draft vocabulary are the checkpoint's")
     p.add_argument("--stop-after", type=int, default=0,
                    help="checkpoint and stop after this many steps of this run (continue later with --resume)")
     p.add_argument("--ray-workers", type=int, default=0, help="data-parallel workers on a Ray cluster (Ray Train)")

@@ -393,3 +393,24 @@ def test_eval_sweeps_the_survival_bar_of_eagle_and_dspark(trained, tiny_llama, t
     assert sum(d[f"{eagle}@0"]["acceptance_per_pos"][1:]) > 0
     with pytest.raises(SystemExit):
         cli(["eval", "--draft", "eagle", "--prompts", str(prompts), "--min-confidence", "0,2"])
+
+
+def test_init_continues_from_a_trained_head(tiny_llama, data_dir, trained, tmp_path):
+    from safetensors.torch import load_file
+
+    start = load_file(str(trained["eagle"] / "model.safetensors"))
+    # lr 0: one step changes nothing, so the checkpoint written is exactly the one it started from
+    _train(tiny_llama, data_dir, tmp_path / "init", "eagle", 1, "--init", str(trained["eagle"]), "--lr", "0")
+    _train(tiny_llama, data_dir, tmp_path / "fresh", "eagle", 1, "--lr", "0")
+    init = load_file(str(tmp_path / "init" / "model.safetensors"))
+    fresh = load_file(str(tmp_path / "fresh" / "model.safetensors"))
+    assert init.keys() == start.keys()
+    for k in start:
+        assert torch.equal(init[k], start[k]), k
+    assert any(not torch.equal(fresh[k], start[k]) for k in start if start[k].is_floating_point())  # control
+    args = json.loads((tmp_path / "init" / "training_args.json").read_text())
+    assert args["init"] == str(trained["eagle"])
+    with pytest.raises(ValueError, match="of kind eagle, not mtp1"):
+        _train(tiny_llama, data_dir, tmp_path / "wrong", "mtp1", 1, "--init", str(trained["eagle"]))
+    with pytest.raises(ValueError, match="no dspark checkpoint"):
+        _train(tiny_llama, data_dir, tmp_path / "missing", "dspark", 1, "--init", str(tmp_path / "nowhere"))

@@ -239,3 +239,11 @@ class Router:
 
     def __serve_build_asgi_app__(self):
         return self._asgi
+
+    async def __del__(self):
+        # Serve awaits this on replica shutdown: stop the replica-discovery loop and close the gRPC channels
+        # while the event loop (and its thread pool) still runs
+        try:
+            await self.pool.close()
+        except Exception:
+            pass

@@ -82,8 +82,8 @@ class TargetPoolClient:
             try:
                 await self.refresh()
             except Exception as e:
-                if isinstance(e, RuntimeError) and "after shutdown" in str(e):  # the replica is shutting down
-                    return  # (its thread pool is gone)
+                if isinstance(e, RuntimeError) and "after shutdown" in str(e):  # the loop's thread pool is gone:
+                    return  # the replica is shutting down without close() (close() cancels this loop first)
                 log.exception("replica refresh failed")
             self._first_refresh.set()
             await asyncio.sleep(self.refresh_s)
@@ -204,8 +204,13 @@ class TargetPoolClient:
             raise NoReplicaError("no healthy target replica")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
         for r in [*self.targets.values(), *self.drafts.values()]:
             await r.channel.close()
 

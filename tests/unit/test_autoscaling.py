@@ -91,6 +91,25 @@ def test_router_sends_nothing_new_to_a_replica_that_left_the_registry():
     asyncio.run(main())
 
 
+def test_router_close_stops_replica_discovery_and_closes_channels():
+    from router.target_pool import TargetPoolClient
+
+    async def main():
+        calls = []
+        client = TargetPoolClient(lambda: calls.append(1) or ["127.0.0.1:1"], lambda: [], refresh_s=0.01)
+        await client._ensure_started()
+        task = client._task
+        await asyncio.sleep(0.1)
+        assert not task.done() and len(calls) >= 2  # the loop keeps refreshing until closed
+        await client.close()
+        assert task.cancelled()
+        n = len(calls)
+        await asyncio.sleep(0.1)
+        assert len(calls) == n  # nothing refreshes after close()
+
+    asyncio.run(main())
+
+
 @pytest.mark.parametrize("draining", [False, True])
 def test_a_draining_target_reports_itself_unhealthy(draining):
     from workers.servers.target_server import TargetWorker

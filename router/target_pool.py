@@ -204,11 +204,10 @@ class TargetPoolClient:
             raise NoReplicaError("no healthy target replica")
 
     async def close(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
+        if self._task is not None:  # kept (cancelled), so that a late request does not restart discovery
+            self._task.cancel()
             try:
-                await task
+                await self._task
             except asyncio.CancelledError:
                 pass
         for r in [*self.targets.values(), *self.drafts.values()]:

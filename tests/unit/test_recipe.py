@@ -1,5 +1,6 @@
-"""The shipped drafters' recipe runs end to end (data, a --resume pass, training of all three heads) on a tiny
-target with tiny budgets: every flag it passes is one the CLI takes."""
+"""The shipped drafters' recipe runs end to end (data, a --resume pass, training of all three heads, then stage 2:
+fresh data and a fine-tune from stage 1's heads) on a tiny target with tiny budgets: every flag it passes is one
+the CLI takes."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ RECIPE = Path(__file__).resolve().parents[2] / "training" / "recipes" / "smollm2
 @pytest.mark.skipif(sys.platform == "win32", reason="a bash script")
 def test_recipe_runs_on_a_tiny_target(tiny_llama, tmp_path):
     env = dict(os.environ, TARGET=str(tiny_llama), DATA_S="15", MORE_S="8", FEATURE_CACHE="1", TRAIN_MIN="0.05",
+               FT_DATA_S="8", FT_MIN="0.05",
                SPECRAY=f"{sys.executable} -m cluster.cli", PYTHONUNBUFFERED="1")
     out = tmp_path / "run"
     proc = subprocess.run(["bash", str(RECIPE), str(out)], env=env, capture_output=True, text=True, timeout=600,
@@ -31,3 +33,10 @@ def test_recipe_runs_on_a_tiny_target(tiny_llama, tmp_path):
         cfg = json.loads((out / kind / "config.json").read_text())
         assert cfg["kind"] == kind and (out / kind / "model.safetensors").stat().st_size > 0
     assert list((out / "feature-cache").glob("batch-*.safetensors"))
+    ft_meta = json.loads((out / "data-ft" / "meta.json").read_text())
+    assert ft_meta["arguments"]["seed"] == 1 and ft_meta["counts"]["rows"] > 0  # a fresh draw of prompts
+    for kind in ("dspark", "eagle", "mtp1"):  # stage 2 continued from stage 1's heads
+        args = json.loads((out / "ft" / kind / "training_args.json").read_text())
+        assert args["init"] == str(out) and args["data"] == str(out / "data-ft")
+        assert (out / "ft" / kind / "model.safetensors").read_bytes() != (out / kind / "model.safetensors").read_bytes()
+    assert not (out / "feature-cache-ft").exists()  # stage 2's cache is deleted at the end

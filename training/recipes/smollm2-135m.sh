@@ -1,23 +1,28 @@
 #!/usr/bin/env bash
-# Reproduce the drafters shipped for smollm2-135m (workers/drafters/checkpoints/smollm2-135m/): generate the
-# training data with the target itself, then train mtp1, eagle and dspark together on it (one target forward per
-# batch feeds all three).
+# Reproduce the drafters shipped for smollm2-135m (workers/drafters/checkpoints/smollm2-135m/): generate training
+# data with the target itself and train mtp1, eagle and dspark together on it (one target forward per batch feeds
+# all three); then a second stage answers a fresh prompt draw and fine-tunes the three heads on it (`--init`).
 #
-#   bash training/recipes/smollm2-135m.sh OUT_DIR                # what produced the shipped drafters: a 2-core
-#                                                                # CPU machine, 40 min of data + 47 min of training
+#   bash training/recipes/smollm2-135m.sh OUT_DIR                # what produced the shipped drafters on a 2-core
+#                                                                # CPU machine: stage 1, 40 min of data + 47 min of
+#                                                                # training; stage 2, 25 min of data + 25 min of
+#                                                                # fine-tuning (about 2 h 20 min in all)
 #   DEVICE=cuda bash training/recipes/smollm2-135m.sh OUT_DIR    # one GPU: bigger batches, more data
 #
+# The shipped drafters are OUT_DIR/ft/KIND (stage 1 alone leaves OUT_DIR/KIND): copy
+# {config.json,model.safetensors,training_args.json} from there to ship them.
 # Knobs (environment): TARGET (default smollm2-135m: a name, .gguf, or HF directory), DEVICE (cpu|cuda),
 # KINDS (default "dspark,eagle,mtp1"), PROMPTS (a prompt file instead of the built-in corpus), DATA_S (seconds of
 # answer generation), MORE_S (seconds of a second, --resume pass that answers only the prompts the first one did
 # not reach; default 0), FEATURE_CACHE=1 (keep the first epoch's target features on disk, a few GB, and read them
-# back in later epochs), TRAIN_MIN (minutes of training), SPECRAY (how to call the CLI; default `specray`).
-# Then copy OUT_DIR/KIND/{config.json,model.safetensors,training_args.json} to ship a drafter.
+# back in later epochs), TRAIN_MIN (minutes of training), FT_DATA_S and FT_MIN (stage 2's seconds of data and
+# minutes of fine-tuning; FT_DATA_S=0 skips stage 2), SPECRAY (how to call the CLI; default `specray`).
 # The shipped drafters' data was built without Debian's `python3-doc` (passages: stdlib docstrings only); with it
 # installed the passage pool holds paragraphs of the Python manual too, and the prompts differ.
-# A larger run (DATA_S=3300 MORE_S=1500 TRAIN_MIN=45, --builtin 7000, python3-doc installed: 1.03M training answer
-# tokens from 5,447 prompts) gave weaker drafters than the shipped ones on a slower day (230 training steps at
-# 11.8 s against 329 at 8.6 s; the prompt mix differs too): README, "Measured".
+# A larger stage 1 (DATA_S=3300 MORE_S=1500 TRAIN_MIN=45, --builtin 7000, python3-doc installed: 1.03M training
+# answer tokens from 5,447 prompts) gave weaker drafters than stage 1 with the defaults on a slower day (230 training
+# steps at 11.8 s against 329 at 8.6 s; the prompt mix differs too); stage 2 on top of the defaults' stage 1 beat
+# it (README, "Measured").
 set -euo pipefail
 OUT=${1:?usage: smollm2-135m.sh OUT_DIR}
 TARGET=${TARGET:-smollm2-135m}
@@ -26,16 +31,23 @@ KINDS=${KINDS:-dspark,eagle,mtp1}
 SPECRAY=${SPECRAY:-specray}
 MORE_S=${MORE_S:-0}
 if [ "$DEVICE" = cpu ]; then
-  DATA_S=${DATA_S:-2400}; TRAIN_MIN=${TRAIN_MIN:-47}
+  DATA_S=${DATA_S:-2400}; TRAIN_MIN=${TRAIN_MIN:-47}; FT_DATA_S=${FT_DATA_S:-1500}; FT_MIN=${FT_MIN:-25}
   DATA_ARGS="--builtin 6000 --self-instruct 0 --batch-size 64"
+  FT_DATA_ARGS="--builtin 8000 --seed 1 --self-instruct 0 --batch-size 64"
   TRAIN_ARGS="--batch-tokens 4096 --eval-every 40 --eval-batches 3 --epochs 10"
+  FT_CACHE=1  # stage 2's target features on disk (~2.5 GB here), read back after the first epoch, deleted after
 else
-  DATA_S=${DATA_S:-600}; TRAIN_MIN=${TRAIN_MIN:-20}
+  DATA_S=${DATA_S:-600}; TRAIN_MIN=${TRAIN_MIN:-20}; FT_DATA_S=${FT_DATA_S:-300}; FT_MIN=${FT_MIN:-10}
   DATA_ARGS="--builtin 10000 --self-instruct 3000 --batch-size 384"
+  FT_DATA_ARGS="--builtin 16000 --seed 1 --self-instruct 3000 --batch-size 384"
   TRAIN_ARGS="--batch-tokens 32768 --eval-every 100 --epochs 20"
+  FT_CACHE=""
 fi
-if [ -n "${PROMPTS:-}" ]; then DATA_ARGS="$DATA_ARGS --prompts $PROMPTS --builtin 0"; fi
-if [ -n "${FEATURE_CACHE:-}" ]; then TRAIN_ARGS="$TRAIN_ARGS --feature-cache $OUT/feature-cache"; fi
+if [ -n "${PROMPTS:-}" ]; then
+  DATA_ARGS="$DATA_ARGS --prompts $PROMPTS --builtin 0"; FT_DATA_ARGS="$FT_DATA_ARGS --prompts $PROMPTS --builtin 0"
+fi
+CACHE_ARGS=""; if [ -n "${FEATURE_CACHE:-}" ]; then CACHE_ARGS="--feature-cache $OUT/feature-cache"; fi
+FT_CACHE_ARGS=""; if [ -n "$FT_CACHE" ]; then FT_CACHE_ARGS="--feature-cache $OUT/feature-cache-ft"; fi
 mkdir -p "$OUT"
 if [ ! -f "$OUT/data/train.jsonl" ]; then
   $SPECRAY data --target "$TARGET" --device "$DEVICE" --dtype bf16 $DATA_ARGS --max-new-tokens 256 \
@@ -47,4 +59,15 @@ if [ ! -f "$OUT/data/train.jsonl" ]; then
 fi
 CKPT="$OUT"; case "$KINDS" in *,*) ;; *) CKPT="$OUT/$KINDS" ;; esac  # one kind writes to --out itself
 $SPECRAY train --target "$TARGET" --drafter "$KINDS" --data "$OUT/data" --out "$CKPT" --device "$DEVICE" \
-  --time-budget-min "$TRAIN_MIN" $TRAIN_ARGS 2>&1 | tee "$OUT/train.log"
+  --time-budget-min "$TRAIN_MIN" $TRAIN_ARGS $CACHE_ARGS 2>&1 | tee "$OUT/train.log"
+[ "$FT_DATA_S" = 0 ] && exit 0
+
+# stage 2: answers to a fresh draw of prompts (another seed), then fine-tune every head from stage 1's weights
+if [ ! -f "$OUT/data-ft/train.jsonl" ]; then
+  $SPECRAY data --target "$TARGET" --device "$DEVICE" --dtype bf16 $FT_DATA_ARGS --max-new-tokens 256 \
+    --time-budget-s "$FT_DATA_S" --out "$OUT/data-ft" 2>&1 | tee "$OUT/data-ft.log"
+fi
+FT="$OUT/ft"; case "$KINDS" in *,*) ;; *) FT="$OUT/ft/$KINDS" ;; esac
+$SPECRAY train --target "$TARGET" --drafter "$KINDS" --data "$OUT/data-ft" --out "$FT" --device "$DEVICE" \
+  --init "$OUT" --lr 5e-4 --warmup 20 --time-budget-min "$FT_MIN" $TRAIN_ARGS $FT_CACHE_ARGS 2>&1 | tee "$OUT/ft.log"
+rm -rf "$OUT/feature-cache-ft"

@@ -35,19 +35,18 @@ if [ "$DEVICE" = cpu ]; then
   DATA_ARGS="--builtin 6000 --self-instruct 0 --batch-size 64"
   FT_DATA_ARGS="--builtin 8000 --seed 1 --self-instruct 0 --batch-size 64"
   TRAIN_ARGS="--batch-tokens 4096 --eval-every 40 --eval-batches 3 --epochs 10"
-  FT_CACHE=1  # stage 2's target features on disk (~2.5 GB here), read back after the first epoch, deleted after
+  FT_CACHE_ARGS="--feature-cache $OUT/feature-cache-ft"  # stage 2: ~2.5 GB here, reused after epoch 1, then deleted
 else
   DATA_S=${DATA_S:-600}; TRAIN_MIN=${TRAIN_MIN:-20}; FT_DATA_S=${FT_DATA_S:-300}; FT_MIN=${FT_MIN:-10}
   DATA_ARGS="--builtin 10000 --self-instruct 3000 --batch-size 384"
   FT_DATA_ARGS="--builtin 16000 --seed 1 --self-instruct 3000 --batch-size 384"
   TRAIN_ARGS="--batch-tokens 32768 --eval-every 100 --epochs 20"
-  FT_CACHE=""
+  FT_CACHE_ARGS=""
 fi
 if [ -n "${PROMPTS:-}" ]; then
   DATA_ARGS="$DATA_ARGS --prompts $PROMPTS --builtin 0"; FT_DATA_ARGS="$FT_DATA_ARGS --prompts $PROMPTS --builtin 0"
 fi
 CACHE_ARGS=""; if [ -n "${FEATURE_CACHE:-}" ]; then CACHE_ARGS="--feature-cache $OUT/feature-cache"; fi
-FT_CACHE_ARGS=""; if [ -n "$FT_CACHE" ]; then FT_CACHE_ARGS="--feature-cache $OUT/feature-cache-ft"; fi
 mkdir -p "$OUT"
 if [ ! -f "$OUT/data/train.jsonl" ]; then
   $SPECRAY data --target "$TARGET" --device "$DEVICE" --dtype bf16 $DATA_ARGS --max-new-tokens 256 \
@@ -57,7 +56,8 @@ if [ ! -f "$OUT/data/train.jsonl" ]; then
       --time-budget-s "$MORE_S" --out "$OUT/data" 2>&1 | tee -a "$OUT/data.log"
   fi
 fi
-CKPT="$OUT"; case "$KINDS" in *,*) ;; *) CKPT="$OUT/$KINDS" ;; esac  # one kind writes to --out itself
+ONE=""; case "$KINDS" in *,*) ;; *) ONE="/$KINDS" ;; esac  # one kind writes to --out itself
+CKPT="$OUT$ONE"; FT="$OUT/ft$ONE"
 $SPECRAY train --target "$TARGET" --drafter "$KINDS" --data "$OUT/data" --out "$CKPT" --device "$DEVICE" \
   --time-budget-min "$TRAIN_MIN" $TRAIN_ARGS $CACHE_ARGS 2>&1 | tee "$OUT/train.log"
 [ "$FT_DATA_S" = 0 ] && exit 0
@@ -67,7 +67,6 @@ if [ ! -f "$OUT/data-ft/train.jsonl" ]; then
   $SPECRAY data --target "$TARGET" --device "$DEVICE" --dtype bf16 $FT_DATA_ARGS --max-new-tokens 256 \
     --time-budget-s "$FT_DATA_S" --out "$OUT/data-ft" 2>&1 | tee "$OUT/data-ft.log"
 fi
-FT="$OUT/ft"; case "$KINDS" in *,*) ;; *) FT="$OUT/ft/$KINDS" ;; esac
 $SPECRAY train --target "$TARGET" --drafter "$KINDS" --data "$OUT/data-ft" --out "$FT" --device "$DEVICE" \
   --init "$OUT" --lr 5e-4 --warmup 20 --time-budget-min "$FT_MIN" $TRAIN_ARGS $FT_CACHE_ARGS 2>&1 | tee "$OUT/ft.log"
 rm -rf "$OUT/feature-cache-ft"

@@ -133,6 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-batch", type=int, default=None)
     s.add_argument("--in-process", action="store_true",
                    help="no Ray: one process runs the router, the engine and the drafter")
+    s.add_argument("--tls-dir", default=None,
+                   help="mutual TLS between router, target and draft workers, with the ca.pem, node.pem and "
+                        "node-key.pem of this directory (`specray tls-certs --out DIR` writes a test set)")
+
+    from cluster.tls import add_tls_certs_parser
+
+    add_tls_certs_parser(sub)
 
     # the draft-training toolkit (training/): each module registers its own subcommand
     from training.data import add_data_parser
@@ -274,6 +281,16 @@ def cmd_serve(args) -> int:
         "router.api_key": args.api_key, "target.threads": args.threads, "target.max_batch": args.max_batch,
         "draft.min_confidence": args.min_confidence,
     })
+    if args.tls_dir:
+        from cluster.config import TLSConfig
+        from cluster.tls import tls_files
+
+        cfg.tls = TLSConfig(**tls_files(args.tls_dir), server_name=cfg.tls.server_name if cfg.tls else "specray")
+    if cfg.tls:
+        if args.in_process:
+            raise ValueError("TLS secures the gRPC hops between Ray workers; --in-process has none (use --tls-dir "
+                             "without --in-process)")
+        cfg.tls.load()  # a missing or malformed file is a clear error here, not in a replica's log
     if args.in_process:
         from cluster.local_serve import serve_in_process
 

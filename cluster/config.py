@@ -76,6 +76,24 @@ class RouterConfig(_Strict):
                                  "answered 504 (an error event for a stream that already started)")
 
 
+class TLSConfig(_Strict):
+    """Mutual TLS on every gRPC hop (router -> target, target -> draft). The files must exist on every node (a
+    Kubernetes secret mounted at the same path in each pod); `specray tls-certs --out DIR` writes a test set."""
+
+    ca_file: str = Field(description="PEM certificate(s) of the CA that signs every worker's certificate")
+    cert_file: str = Field(description="PEM certificate this node presents, as server and as client")
+    key_file: str = Field(description="PEM private key of cert_file")
+    server_name: str = Field("specray", min_length=1,
+                             description="a DNS name in every certificate's subjectAltName; clients verify it "
+                                         "instead of the IP address they dial")
+
+    def load(self):
+        """The files read and checked (workers.wire.GrpcTLS); a clear ValueError if one is missing or not PEM."""
+        from workers.wire import GrpcTLS
+
+        return GrpcTLS.from_files(self.ca_file, self.cert_file, self.key_file, self.server_name)
+
+
 class SpecrayConfig(_Strict):
     name: str = "specray"
     advertise_host: str = Field(
@@ -84,6 +102,7 @@ class SpecrayConfig(_Strict):
     target: TargetPoolConfig = Field(default_factory=TargetPoolConfig)
     draft: DraftPoolConfig = Field(default_factory=DraftPoolConfig)
     router: RouterConfig = Field(default_factory=RouterConfig)
+    tls: TLSConfig | None = Field(None, description="mutual TLS between router, target and draft workers")
 
     @field_validator("name")
     @classmethod

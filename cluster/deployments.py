@@ -49,6 +49,7 @@ class DraftPool:
         from workers.servers.draft_server import serve_draft
 
         cfg = SpecrayConfig.model_validate(config)
+        tls = cfg.tls.load() if cfg.tls else None  # before any model loads: a bad path fails fast
         d = cfg.draft
         torch.set_num_threads(d.threads)  # Ray sets OMP_NUM_THREADS=1; be explicit
         kind, _ = parse_draft_spec(d.drafter)
@@ -62,7 +63,8 @@ class DraftPool:
             raise ValueError("the draft pool needs a drafter (draft.drafter: none makes no sense here)")
         bind, advertise = _hosts(cfg)
         self.server, self.worker, port = serve_draft(drafter, d.drafter, host=bind, port=0,
-                                                     max_sequences=max_sequences, ahead_blocks=d.ahead_blocks)
+                                                     max_sequences=max_sequences, ahead_blocks=d.ahead_blocks,
+                                                     tls=tls)
         self.address = f"{advertise}:{port}"
         self.registration = Registration(cfg.name, "draft", _replica_id("draft"), self.address)
         self.drain_timeout_s = d.drain_timeout_s
@@ -161,6 +163,7 @@ class TargetPool:
         from workers.servers.target_server import TargetServer, TargetWorker
 
         cfg = SpecrayConfig.model_validate(config)
+        tls = cfg.tls.load() if cfg.tls else None
         t = cfg.target
         torch.set_num_threads(t.threads)
         lm = load_model(t.model, t.dtype)
@@ -174,12 +177,13 @@ class TargetPool:
             init_process_group(0, t.tp, "127.0.0.1", port)
             apply_tensor_parallel(lm.model, 0, t.tp)
             self.leader = TPLeader(lm.model)
-        self.drafts = MultiDraftClient(k=t.num_draft_tokens, max_wait_s=t.max_draft_wait_ms / 1e3)
+        self.drafts = MultiDraftClient(k=t.num_draft_tokens, max_wait_s=t.max_draft_wait_ms / 1e3, tls=tls)
         engine = SpecEngine(lm, self.drafts, max_batch=t.max_batch, max_model_len=t.max_model_len,
                             forward=self.leader)
         self.engine = AsyncEngine(engine)
         bind, advertise = _hosts(cfg)
-        self.server = TargetServer(TargetWorker(self.engine, self.drafts, cfg.served_model_name, t.tp), bind, 0)
+        self.server = TargetServer(TargetWorker(self.engine, self.drafts, cfg.served_model_name, t.tp), bind, 0,
+                                   tls=tls)
         self.address = f"{advertise}:{self.server.port}"
         self.registration = Registration(cfg.name, "target", _replica_id("target"), self.address)
         self.drain_timeout_s = t.drain_timeout_s
@@ -232,7 +236,8 @@ class Router:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         tokenizer = AutoTokenizer.from_pretrained(resolve(cfg.target.model))
         self.pool = TargetPoolClient(lister(cfg.name, "target"), lister(cfg.name, "draft"),
-                                     request_timeout_s=cfg.router.request_timeout_s)
+                                     request_timeout_s=cfg.router.request_timeout_s,
+                                     tls=cfg.tls.load() if cfg.tls else None)
         self._asgi = build_app(self.pool, cfg.served_model_name, tokenizer, cfg.router.api_key,
                              max_model_len=cfg.target.max_model_len,
                              default_num_draft_tokens=cfg.target.num_draft_tokens)

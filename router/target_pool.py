@@ -25,7 +25,7 @@ from protos import specray_pb2_grpc as pb_grpc
 from router.errors import EngineUnavailable, RequestTimeout
 from workers.engine.async_engine import GenerationDelta, SequenceStats
 from workers.engine.sequence import Request
-from workers.wire import CLIENT_OPTIONS, params_to_proto
+from workers.wire import GrpcTLS, open_channel, params_to_proto
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +38,9 @@ class NoReplicaError(EngineUnavailable):
 
 
 class _Replica:
-    def __init__(self, address: str, stub_cls):
+    def __init__(self, address: str, stub_cls, tls: GrpcTLS | None = None):
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=CLIENT_OPTIONS)
+        self.channel = open_channel(address, tls, aio=True)
         self.stub = stub_cls(self.channel)
         self.info: pb.TargetInfo | pb.DraftInfo | None = None
         self.in_flight = 0
@@ -58,8 +58,10 @@ class _Replica:
 
 class TargetPoolClient:
     def __init__(self, list_targets: Callable[[], list[str]], list_drafts: Callable[[], list[str]] | None = None,
-                 refresh_s: float = 0.5, request_timeout_s: float = 600.0, wait_for_replica_s: float = 10.0):
+                 refresh_s: float = 0.5, request_timeout_s: float = 600.0, wait_for_replica_s: float = 10.0,
+                 tls: GrpcTLS | None = None):
         self.list_targets = list_targets
+        self.tls = tls
         self.list_drafts = list_drafts or (lambda: [])
         self.refresh_s = refresh_s
         self.request_timeout_s = request_timeout_s
@@ -91,15 +93,15 @@ class TargetPoolClient:
     async def refresh(self) -> None:
         targets = await asyncio.to_thread(self.list_targets)
         drafts = await asyncio.to_thread(self.list_drafts)
-        self._sync(self.targets, targets, pb_grpc.TargetServiceStub)
-        self._sync(self.drafts, drafts, pb_grpc.DraftServiceStub)
+        self._sync(self.targets, targets, pb_grpc.TargetServiceStub, self.tls)
+        self._sync(self.drafts, drafts, pb_grpc.DraftServiceStub, self.tls)
         await asyncio.gather(*(self._poll(r) for r in [*self.targets.values(), *self.drafts.values()]))
 
     @staticmethod
-    def _sync(pool: dict[str, _Replica], addresses: list[str], stub_cls) -> None:
+    def _sync(pool: dict[str, _Replica], addresses: list[str], stub_cls, tls: GrpcTLS | None = None) -> None:
         for a in addresses:
             if a not in pool:
-                pool[a] = _Replica(a, stub_cls)
+                pool[a] = _Replica(a, stub_cls, tls)
         for a, r in pool.items():
             r.listed = a in addresses
         for a in [a for a in pool if a not in addresses and pool[a].in_flight == 0]:

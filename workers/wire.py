@@ -1,4 +1,5 @@
-"""Conversions between torch / engine values and the protobuf messages of protos/specray.proto.
+"""Conversions between torch / engine values and the protobuf messages of protos/specray.proto, and the channels
+and ports of every specray gRPC hop (plain, or mutual TLS).
 
 Tensors travel as raw little-endian bytes plus dtype and shape (bf16 as its 16-bit pattern), never pickled.
 """
@@ -6,7 +7,10 @@ Tensors travel as raw little-endian bytes plus dtype and shape (bf16 as its 16-b
 from __future__ import annotations
 
 import socket
+from dataclasses import dataclass
+from pathlib import Path
 
+import grpc
 import torch
 
 from protos import specray_pb2 as pb
@@ -79,3 +83,57 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+# --- transport security --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GrpcTLS:
+    """Mutual TLS for every specray gRPC hop (router -> target, target -> draft): each server asks for a client
+    certificate signed by `ca`, each client checks the server's against `ca` and presents its own. Workers dial one
+    another by IP, so the certificates name the service instead (`server_name`, a DNS entry of their
+    subjectAltName) and clients verify that name rather than the address they dial."""
+
+    ca: bytes
+    cert: bytes
+    key: bytes
+    server_name: str = "specray"
+
+    @classmethod
+    def from_files(cls, ca_file: str | Path, cert_file: str | Path, key_file: str | Path,
+                   server_name: str = "specray") -> "GrpcTLS":
+        def read(path, what: str, marker: bytes) -> bytes:
+            p = Path(path).expanduser()
+            try:
+                data = p.read_bytes()
+            except OSError as e:
+                raise ValueError(f"tls.{what}: cannot read {p}: {e.strerror or e}") from None
+            if marker not in data:
+                raise ValueError(f"tls.{what}: {p} is not a PEM file ({marker.decode()} not found)")
+            return data
+
+        return cls(ca=read(ca_file, "ca_file", b"-----BEGIN CERTIFICATE-----"),
+                   cert=read(cert_file, "cert_file", b"-----BEGIN CERTIFICATE-----"),
+                   key=read(key_file, "key_file", b"PRIVATE KEY-----"), server_name=server_name)
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials([(self.key, self.cert)], root_certificates=self.ca,
+                                           require_client_auth=True)
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(root_certificates=self.ca, private_key=self.key,
+                                            certificate_chain=self.cert)
+
+
+def add_port(server, address: str, tls: GrpcTLS | None) -> int:
+    """Bind a (sync or aio) gRPC server to address, with mutual TLS when `tls` is given; returns the port, 0 if the
+    bind failed."""
+    return server.add_secure_port(address, tls.server_credentials()) if tls else server.add_insecure_port(address)
+
+
+def open_channel(address: str, tls: GrpcTLS | None, aio: bool = False):
+    """A client channel with CLIENT_OPTIONS, over mutual TLS when `tls` is given."""
+    mod = grpc.aio if aio else grpc
+    if tls is None:
+        return mod.insecure_channel(address, options=CLIENT_OPTIONS)
+    options = CLIENT_OPTIONS + [("grpc.ssl_target_name_override", tls.server_name)]
+    return mod.secure_channel(address, tls.channel_credentials(), options=options)

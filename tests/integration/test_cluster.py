@@ -2,7 +2,9 @@
 
 One Ray instance and one application for the module (Ray start + deploy cost ~40 s here). The draft pool runs the
 target model itself as its drafter (draft == target), so every draft token must be accepted: tau == k + 1 through
-the distributed, pipelined path catches off-by-ones in positions, epochs and run-ahead.
+the distributed, pipelined path catches off-by-ones in positions, epochs and run-ahead. Both gRPC hops run over
+mutual TLS (config `tls`, certificates from `specray tls-certs`): a replica that ignored it could not talk to the
+others, and `_target_info` below gets nothing from a replica without a certificate.
 """
 
 from __future__ import annotations
@@ -33,12 +35,14 @@ def _metric(text: str, name: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_llama):
+def cluster(tiny_llama, tmp_path_factory):
     from cluster import launch
+    from cluster.tls import write_certs
 
     port = 18431
+    tls = write_certs(tmp_path_factory.mktemp("tls"))
     cfg = load_config(None, {
-        "name": APP, "target.model": str(tiny_llama), "target.dtype": "fp32", "target.num_cpus": 0.5,
+        "tls": tls, "name": APP, "target.model": str(tiny_llama), "target.dtype": "fp32", "target.num_cpus": 0.5,
         "target.num_draft_tokens": K, "target.max_draft_wait_ms": 5000, "target.max_model_len": 1024,
         "draft.drafter": f"model:{tiny_llama}", "draft.num_cpus": 0.25, "router.port": port,
     })
@@ -147,14 +151,19 @@ def _target_info(cfg):
     from protos import specray_pb2_grpc as pb_grpc
     import grpc
 
+    from workers.wire import open_channel
+
     del serve
+    tls = cfg.tls.load()
     infos = []
     for addr in lister(cfg.name, "target")():
-        with grpc.insecure_channel(addr) as ch:
+        with open_channel(addr, tls) as ch:
             infos.append(pb_grpc.TargetServiceStub(ch).Info(pb.InfoRequest(), timeout=5))
+        with grpc.insecure_channel(addr) as ch, pytest.raises(grpc.RpcError):  # no certificate: refused
+            pb_grpc.TargetServiceStub(ch).Info(pb.InfoRequest(), timeout=5)
     drafts = []
     for addr in lister(cfg.name, "draft")():
-        with grpc.insecure_channel(addr) as ch:
+        with open_channel(addr, tls) as ch:
             drafts.append(pb_grpc.DraftServiceStub(ch).Info(pb.InfoRequest(), timeout=5))
     return infos, drafts
 

@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
+import grpc
 import openai
 import pytest
 import uvicorn
@@ -525,3 +526,34 @@ def test_a_request_past_the_router_deadline_is_a_504_and_is_aborted_on_the_targe
             assert len(engine.aborted) == 2  # both sequences were freed on the target
     finally:
         target.stop()
+
+
+def test_target_server_stops_within_its_grace_and_aborts_live_streams():
+    """TargetServer.stop(grace) returns once the server is down (it used to wait out its whole timeout, every time,
+    and log "did not stop cleanly"), and a stream still open is cancelled: its sequence is aborted in the engine."""
+    from protos import specray_pb2 as pb
+    from protos import specray_pb2_grpc as pb_grpc
+    from workers.servers.target_server import TargetServer, TargetWorker
+    from workers.wire import open_channel
+
+    engine = _SlowEngine()
+    target = TargetServer(TargetWorker(engine, None, MODEL))
+    with open_channel(f"127.0.0.1:{target.port}", None) as ch:
+        stub = pb_grpc.TargetServiceStub(ch)
+        assert stub.Info(pb.InfoRequest(), timeout=5).model == MODEL
+        t = time.monotonic()
+        target.stop(grace=5.0)  # nothing in flight: no reason to wait for the grace
+        assert time.monotonic() - t < 1.0
+
+    engine = _SlowEngine()
+    target = TargetServer(TargetWorker(engine, None, MODEL))
+    with open_channel(f"127.0.0.1:{target.port}", None) as ch:
+        call = pb_grpc.TargetServiceStub(ch).Generate(pb.GenerateRequest(seq_id="live", prompt_ids=[3, 5],
+                                                                          max_tokens=8), timeout=30)
+        assert list(next(call).token_ids) == [3]  # the stream is live on the server
+        t = time.monotonic()
+        target.stop(grace=0.5)
+        assert time.monotonic() - t < 3.0
+        assert engine.aborted == ["live"]
+        with pytest.raises(grpc.RpcError):
+            next(call)

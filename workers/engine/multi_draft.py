@@ -18,13 +18,16 @@ from workers.drafters.base import DraftProposal, DraftRequest
 from workers.engine.draft_client import DraftClient
 from workers.engine.remote_draft import RemoteDraftClient
 from workers.params import SamplingParams
+from workers.wire import GrpcTLS
 
 log = logging.getLogger(__name__)
 
 
 class MultiDraftClient(DraftClient):
-    def __init__(self, k: int = 4, max_wait_s: float = 0.05, connect_timeout_s: float = 5.0):
+    def __init__(self, k: int = 4, max_wait_s: float = 0.05, connect_timeout_s: float = 5.0,
+                 tls: GrpcTLS | None = None):
         self.k = k
+        self.tls = tls
         self.max_wait_s = max_wait_s
         self.connect_timeout_s = connect_timeout_s
         self.lock = threading.Lock()
@@ -57,7 +60,7 @@ class MultiDraftClient(DraftClient):
     def _connect(self, address: str) -> None:
         try:
             client = RemoteDraftClient(address, k=self.k, max_wait_s=self.max_wait_s,
-                                       connect_timeout_s=self.connect_timeout_s)
+                                       connect_timeout_s=self.connect_timeout_s, tls=self.tls)
         except Exception as e:  # unreachable: its sequences decode without drafts, retried after a pause
             log.warning("cannot reach draft worker %s: %s", address, e)
             with self.lock:

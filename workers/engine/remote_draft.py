@@ -27,7 +27,7 @@ from protos import specray_pb2_grpc as pb_grpc
 from workers.drafters.base import DraftProposal, DraftRequest
 from workers.engine.draft_client import DraftClient
 from workers.params import SamplingParams
-from workers.wire import CLIENT_OPTIONS, params_to_proto, tensor_from_proto, tensor_to_proto
+from workers.wire import GrpcTLS, open_channel, params_to_proto, tensor_from_proto, tensor_to_proto
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class _SeqState:
 
 class RemoteDraftClient(DraftClient):
     def __init__(self, address: str, k: int = 4, max_wait_s: float = 0.05, feature_layers: tuple[int, ...] = (),
-                 connect_timeout_s: float = 10.0, max_wait_cap_s: float = 1.0):
+                 connect_timeout_s: float = 10.0, max_wait_cap_s: float = 1.0, tls: GrpcTLS | None = None):
         self.address = address
         self.default_k = k
         self.max_wait_s = max_wait_s
@@ -71,7 +71,7 @@ class RemoteDraftClient(DraftClient):
         self.wait_seconds = 0.0  # target idle time waiting for draft tokens
         self.rpc_latencies: list[float] = []  # verdict sent -> next block received, seconds (bounded)
         self.reconnects = 0
-        self._channel = grpc.insecure_channel(address, options=CLIENT_OPTIONS)
+        self._channel = open_channel(address, tls)
         self._stub = pb_grpc.DraftServiceStub(self._channel)
         info = self._stub.Info(pb.InfoRequest(), timeout=connect_timeout_s, wait_for_ready=True)
         self.drafter_name = info.drafter

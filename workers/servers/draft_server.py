@@ -26,7 +26,7 @@ import grpc
 from protos import specray_pb2 as pb
 from protos import specray_pb2_grpc as pb_grpc
 from workers.drafters.base import DraftRequest, Drafter
-from workers.wire import SERVER_OPTIONS, params_from_proto, tensor_from_proto, tensor_to_proto
+from workers.wire import SERVER_OPTIONS, GrpcTLS, add_port, params_from_proto, tensor_from_proto, tensor_to_proto
 
 log = logging.getLogger(__name__)
 
@@ -253,15 +253,17 @@ def _salvage(ctx: list[int], tokens: list[int], probs, committed: list[int]):
 
 
 def serve_draft(drafter: Drafter, name: str, host: str = "127.0.0.1", port: int = 0, max_sequences: int = 256,
-                ahead_blocks: int = 2, max_streams: int = 64) -> tuple[grpc.Server, DraftWorker, int]:
-    """Start a draft worker's gRPC server; returns (server, worker, bound port)."""
+                ahead_blocks: int = 2, max_streams: int = 64,
+                tls: GrpcTLS | None = None) -> tuple[grpc.Server, DraftWorker, int]:
+    """Start a draft worker's gRPC server (mutual TLS when `tls` is given); returns (server, worker, bound port)."""
     worker = DraftWorker(drafter, name, max_sequences=max_sequences, ahead_blocks=ahead_blocks)
     # each stream holds two threads (response generator + reader); bound the pool explicitly
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2 * max_streams + 4), options=SERVER_OPTIONS,
                          maximum_concurrent_rpcs=max_streams + 8)
     pb_grpc.add_DraftServiceServicer_to_server(worker, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    bound = add_port(server, f"{host}:{port}", tls)
     if bound == 0:
+        worker.stop()
         raise OSError(f"cannot bind draft worker to {host}:{port}")
     server.start()
     return server, worker, bound

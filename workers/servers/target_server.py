@@ -21,7 +21,7 @@ from protos import specray_pb2_grpc as pb_grpc
 from workers.engine.async_engine import AsyncEngine
 from workers.engine.multi_draft import MultiDraftClient
 from workers.engine.sequence import Request
-from workers.wire import SERVER_OPTIONS, params_from_proto
+from workers.wire import SERVER_OPTIONS, GrpcTLS, add_port, params_from_proto
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +95,12 @@ class TargetWorker(pb_grpc.TargetServiceServicer):
 
 
 class TargetServer:
-    """Runs a TargetWorker's grpc.aio server on a background thread with its own event loop."""
+    """Runs a TargetWorker's grpc.aio server on a background thread with its own event loop (mutual TLS when `tls`
+    is given)."""
 
-    def __init__(self, worker: TargetWorker, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, worker: TargetWorker, host: str = "127.0.0.1", port: int = 0, tls: GrpcTLS | None = None):
         self.worker = worker
+        self.tls = tls
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._server: grpc.aio.Server | None = None
@@ -118,10 +120,13 @@ class TargetServer:
         async def main():
             self._server = grpc.aio.server(options=SERVER_OPTIONS)
             pb_grpc.add_TargetServiceServicer_to_server(self.worker, self._server)
-            self.port = self._server.add_insecure_port(f"{host}:{port}")
+            self.port = add_port(self._server, f"{host}:{port}", self.tls)
             await self._server.start()
+            self._stopped = asyncio.Event()
             self._ready.set()
-            await self._server.wait_for_termination()
+            # Not wait_for_termination(): it returns as soon as stop() begins, this loop would end with it and the
+            # stop() coroutine, still finishing its shutdown, would never resume (stop() timed out every time).
+            await self._stopped.wait()
 
         try:
             self._loop.run_until_complete(main())
@@ -131,7 +136,13 @@ class TargetServer:
 
     def stop(self, grace: float = 2.0) -> None:
         if self._server is not None and self._loop.is_running():
-            fut = asyncio.run_coroutine_threadsafe(self._server.stop(grace), self._loop)
+            async def stop():
+                try:
+                    await self._server.stop(grace)
+                finally:
+                    self._stopped.set()
+
+            fut = asyncio.run_coroutine_threadsafe(stop(), self._loop)
             try:
                 fut.result(grace + 5)
             except Exception as e:  # shutting down anyway: the process is about to go

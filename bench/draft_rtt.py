@@ -9,6 +9,7 @@ the (tiny) ngram proposal. Run it on a quiet machine; under CPU contention threa
 
 from __future__ import annotations
 
+import json
 import statistics
 import subprocess
 import sys
@@ -17,22 +18,28 @@ import time
 from workers.drafters.base import DraftRequest
 from workers.engine.remote_draft import RemoteDraftClient
 from workers.params import SamplingParams
-from workers.wire import free_port
+from workers.wire import GrpcTLS, free_port
 
 _SERVER = """
-import sys, time
+import json, sys, time
 from workers.drafters.ngram import NgramDrafter
 from workers.servers.draft_server import serve_draft
-server, worker, _ = serve_draft(NgramDrafter(), "ngram", port=int(sys.argv[1]))  # keep the server referenced
+from workers.wire import GrpcTLS
+tls = GrpcTLS.from_files(**json.loads(sys.argv[3])) if sys.argv[3] != "null" else None
+server, worker, _ = serve_draft(NgramDrafter(), "ngram", port=int(sys.argv[1]), tls=tls)  # keep it referenced
 time.sleep(float(sys.argv[2]))
 """
 
 
-def run_draft_rtt(steps: int = 300, k: int = 4, warmup: int = 20, timeout_s: float = 120.0) -> dict:
+def run_draft_rtt(steps: int = 300, k: int = 4, warmup: int = 20, timeout_s: float = 120.0,
+                  tls_files: dict | None = None) -> dict:
+    """One draft worker process, `steps` measured round trips; over mutual TLS with `tls_files`
+    (cluster.tls.tls_files)."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-c", _SERVER, str(port), str(timeout_s)])
+    proc = subprocess.Popen([sys.executable, "-c", _SERVER, str(port), str(timeout_s), json.dumps(tls_files)])
     try:
-        client = RemoteDraftClient(f"127.0.0.1:{port}", k=k, max_wait_s=1.0, connect_timeout_s=30)
+        tls = GrpcTLS.from_files(**tls_files) if tls_files else None
+        client = RemoteDraftClient(f"127.0.0.1:{port}", k=k, max_wait_s=1.0, connect_timeout_s=30, tls=tls)
         ctx = list(range(50)) * 4  # repetitive, so the ngram drafter always has a continuation
         client.start("s", SamplingParams())
         client.verdict("s", ctx, 1, 0, None)
@@ -51,6 +58,35 @@ def run_draft_rtt(steps: int = 300, k: int = 4, warmup: int = 20, timeout_s: flo
     finally:
         proc.kill()
         proc.wait()
-    s = sorted(lat[warmup:])
-    return {"steps": len(s), "k": k, "round_trip_ms": {"p50": round(statistics.median(s) * 1e3, 3),
-                                                       "p90": round(s[int(0.9 * (len(s) - 1))] * 1e3, 3)}}
+    return {"steps": steps, "k": k, "round_trip_ms": _percentiles(lat[warmup:]), "samples_s": lat[warmup:]}
+
+
+def _percentiles(lat: list[float]) -> dict:
+    s = sorted(lat)
+    return {"p50": round(statistics.median(s) * 1e3, 3), "p90": round(s[int(0.9 * (len(s) - 1))] * 1e3, 3)}
+
+
+def run_draft_rtt_bench(steps: int = 300, k: int = 4, compare_tls: bool = False, rounds: int = 3) -> dict:
+    """The round trip, plain; with compare_tls also over mutual TLS, side by side: `rounds` alternating runs of
+    steps / rounds each (a fresh worker process per run, throw-away certificates), so drift on a shared machine
+    hits both alike. Reports the pooled p50 / p90 of each and their ratio."""
+    if not compare_tls:
+        r = run_draft_rtt(steps, k)
+        r.pop("samples_s")
+        return r
+    import tempfile
+
+    from cluster.tls import write_certs
+
+    per = max(1, steps // rounds)
+    lat: dict[str, list[float]] = {"plain": [], "mtls": []}
+    with tempfile.TemporaryDirectory() as d:
+        files = write_certs(d)
+        for _ in range(rounds):
+            lat["plain"] += run_draft_rtt(per, k)["samples_s"]
+            lat["mtls"] += run_draft_rtt(per, k, tls_files=files)["samples_s"]
+    out = {"steps": per * rounds, "k": k, "rounds": rounds,
+           "round_trip_ms": {name: _percentiles(v) for name, v in lat.items()}}
+    rt = out["round_trip_ms"]
+    out["mtls_vs_plain_p50"] = round(rt["mtls"]["p50"] / rt["plain"]["p50"], 3)
+    return out

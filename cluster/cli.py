@@ -112,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     rt = bsub.add_parser("draft-rtt", help="draft <-> target round trip per step on loopback (ngram, no models)")
     rt.add_argument("--steps", type=int, default=300)
+    rt.add_argument("--tls", action="store_true", help="also over mutual TLS, side by side (throw-away certificates)")
     rt.add_argument("--json", dest="json_out", required=True)
 
     s = sub.add_parser("serve", help="serve the OpenAI-compatible API: router, target pool and draft pool on a "
@@ -252,9 +253,9 @@ def cmd_bench_pipeline(args) -> int:
 
 
 def cmd_bench_draft_rtt(args) -> int:
-    from bench.draft_rtt import run_draft_rtt
+    from bench.draft_rtt import run_draft_rtt_bench
 
-    return _emit(run_draft_rtt(args.steps), args.json_out)
+    return _emit(run_draft_rtt_bench(args.steps, compare_tls=args.tls), args.json_out)
 
 
 def _int_list(text: str) -> list[int]:
@@ -297,7 +298,8 @@ def cmd_serve(args) -> int:
         t = cfg.target
         serve_in_process(target=t.model, draft=cfg.draft.drafter, k=t.num_draft_tokens, dtype=t.dtype,
                          host=cfg.router.host, port=cfg.router.port, max_batch=t.max_batch,
-                         api_key=cfg.router.api_key, threads=t.threads, min_confidence=cfg.draft.min_confidence)
+                         api_key=cfg.router.api_key, threads=t.threads, min_confidence=cfg.draft.min_confidence,
+                         max_queued=t.max_queued)
         return 0
     from cluster.launch import serve_forever
     from workers.models.loader import resolve

@@ -40,6 +40,10 @@ class TargetPoolConfig(PoolScaling):
     dtype: str = Field("bf16", pattern="^(fp32|bf16|fp16)$")
     tp: int = Field(1, ge=1, le=8, description="tensor-parallel ranks per replica (gloo on CPU, NCCL on GPU)")
     max_batch: int = Field(8, ge=1, description="sequences decoded together per replica")
+    max_queued: int | None = Field(
+        256, ge=0, description="sequences a replica queues behind its max_batch running ones; past that it refuses "
+                               "new ones (the router tries another replica, then answers 503 + Retry-After). "
+                               "null: no bound")
     max_model_len: int = Field(4096, ge=16)
     num_draft_tokens: int = Field(4, ge=0, le=16, description="k: draft tokens verified per step")
     max_draft_wait_ms: float = Field(

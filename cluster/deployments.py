@@ -180,7 +180,7 @@ class TargetPool:
         self.drafts = MultiDraftClient(k=t.num_draft_tokens, max_wait_s=t.max_draft_wait_ms / 1e3, tls=tls)
         engine = SpecEngine(lm, self.drafts, max_batch=t.max_batch, max_model_len=t.max_model_len,
                             forward=self.leader)
-        self.engine = AsyncEngine(engine)
+        self.engine = AsyncEngine(engine, max_queued=t.max_queued)
         bind, advertise = _hosts(cfg)
         self.server = TargetServer(TargetWorker(self.engine, self.drafts, cfg.served_model_name, t.tp), bind, 0,
                                    tls=tls)

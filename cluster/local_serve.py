@@ -47,7 +47,8 @@ class LocalStack:
 
 def build_stack(target: str, draft: str = "none", k: int = 4, dtype: str = "fp32", max_batch: int = 8,
                 api_key: str | None = None, max_model_len: int | None = None,
-                model_name: str | None = None, min_confidence: float | None = None) -> LocalStack:
+                model_name: str | None = None, min_confidence: float | None = None,
+                max_queued: int | None = 256) -> LocalStack:
     """Load the target, build the drafter, the engine, its thread and the HTTP app (nothing is listening yet)."""
     from transformers import AutoTokenizer
 
@@ -61,7 +62,7 @@ def build_stack(target: str, draft: str = "none", k: int = 4, dtype: str = "fp32
                             min_confidence=min_confidence)
     engine = SpecEngine(loaded, InProcessDraftClient(drafter) if drafter else None, max_batch=max_batch,
                         max_model_len=limit, max_draft_tokens=max(16, k))
-    async_engine = AsyncEngine(engine)
+    async_engine = AsyncEngine(engine, max_queued=max_queued)
     try:
         router_tokenizer = AutoTokenizer.from_pretrained(loaded.path)
         app = build_app(async_engine, model_name or target, router_tokenizer, api_key,
@@ -77,13 +78,15 @@ def build_stack(target: str, draft: str = "none", k: int = 4, dtype: str = "fp32
 def serve_in_process(target: str, draft: str = "none", k: int = 4, dtype: str = "fp32", host: str = DEFAULT_HOST,
                      port: int = DEFAULT_PORT, max_batch: int = 8, api_key: str | None = None,
                      threads: int | None = None, max_model_len: int | None = None,
-                     model_name: str | None = None, min_confidence: float | None = None) -> None:
+                     model_name: str | None = None, min_confidence: float | None = None,
+                     max_queued: int | None = 256) -> None:
     """Run the OpenAI-compatible server until SIGINT/SIGTERM; returns after the engine thread has stopped."""
     import uvicorn
 
     if threads:
         torch.set_num_threads(threads)
-    stack = build_stack(target, draft, k, dtype, max_batch, api_key, max_model_len, model_name, min_confidence)
+    stack = build_stack(target, draft, k, dtype, max_batch, api_key, max_model_len, model_name, min_confidence,
+                        max_queued)
     server = uvicorn.Server(uvicorn.Config(stack.app, host=host, port=port, log_level="info",
                                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
     # uvicorn catches SIGINT/SIGTERM while it runs, restores the previous handlers afterwards and re-raises the

@@ -50,6 +50,7 @@ from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from router.errors import EngineUnavailable, RequestTimeout
+from workers.engine.async_engine import EngineBusy
 from workers.engine.sequence import Request
 from workers.params import SamplingParams
 
@@ -227,6 +228,8 @@ class Metrics:
         self.generation_tokens = Counter("vllm:generation_tokens", "Tokens generated.", **kw).labels(model_name)
         self.success = Counter("vllm:request_success", "Finished requests by finish reason.",
                                labelnames=["model_name", "finished_reason"], registry=self.registry)
+        self.rejected = Counter("specray:requests_rejected", "Requests answered 503: no replica, or all at capacity.",
+                                **kw).labels(model_name)
 
 
 async def _maybe_await(x):
@@ -265,9 +268,11 @@ def build_app(engine_client, model_name: str, tokenizer, api_key: str | None = N
         return _error(e.status_code, str(e.detail), code=e.status_code)
 
     @app.exception_handler(EngineUnavailable)
-    async def _unavailable(_, e: EngineUnavailable):
+    @app.exception_handler(EngineBusy)  # the in-process engine at capacity
+    async def _unavailable(_, e: EngineUnavailable | EngineBusy):
+        metrics.rejected.inc()
         out = _error(503, str(e), type="service_unavailable")
-        out.headers["Retry-After"] = str(e.retry_after_s)
+        out.headers["Retry-After"] = str(getattr(e, "retry_after_s", 1))
         return out
 
     @app.exception_handler(RequestTimeout)

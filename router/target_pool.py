@@ -22,7 +22,7 @@ import grpc
 
 from protos import specray_pb2 as pb
 from protos import specray_pb2_grpc as pb_grpc
-from router.errors import EngineUnavailable, RequestTimeout
+from router.errors import EngineUnavailable, RequestTimeout, TargetsBusy
 from workers.engine.async_engine import GenerationDelta, SequenceStats
 from workers.engine.sequence import Request
 from workers.wire import GrpcTLS, open_channel, params_to_proto
@@ -168,6 +168,11 @@ class TargetPoolClient:
                 if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:  # the target saw the call end and aborted it
                     raise RequestTimeout(f"the request did not finish within {self.request_timeout_s:g} s "
                                          "(router.request_timeout_s)") from None
+                if not started and e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:  # full: try the others
+                    tried.add(target.address)
+                    if not any(r.healthy and r.listed and r.address not in tried for r in self.targets.values()):
+                        raise TargetsBusy(f"every target replica is at capacity ({e.details()})") from None
+                    continue
                 if not started and e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN):
                     target.healthy = False  # replica died before serving us: try another one
                     tried.add(target.address)

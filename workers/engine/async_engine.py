@@ -88,10 +88,19 @@ class _Sink:
 _COUNTERS = ("num_drafts", "num_draft_tokens", "num_accepted_tokens", "prompt_tokens", "completion_tokens")
 
 
+class EngineBusy(RuntimeError):
+    """The replica already holds as many sequences as it admits (`max_batch` running + `max_queued` waiting): the
+    request is refused at once, before it takes memory or a slot, so the caller can try another replica or answer
+    503. A queue without a bound only turns overload into timeouts."""
+
+
 class AsyncEngine:
-    def __init__(self, engine: SpecEngine, name: str = "specray-engine"):
+    def __init__(self, engine: SpecEngine, name: str = "specray-engine", max_queued: int | None = None):
         self.engine = engine
         self.max_model_len = engine.max_model_len
+        # admission: at most max_batch running + max_queued waiting (None: no bound)
+        self.max_live = None if max_queued is None else engine.runner.cache.num_slots + max_queued
+        self._live = 0  # generate() calls in progress, under _submit_lock
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[str, _Sink] = {}  # engine thread only
         # totals of sequences that have left the engine; live ones are added in _snapshot (engine thread only)
@@ -114,6 +123,10 @@ class AsyncEngine:
         sink = _Sink(asyncio.get_running_loop())
         with self._submit_lock:
             self.check_health()
+            if self.max_live is not None and self._live >= self.max_live:
+                raise EngineBusy(f"this replica is at capacity ({self._live} sequences running or queued, "
+                                 f"max_batch + max_queued = {self.max_live}); retry shortly")
+            self._live += 1
             self._inbox.put(("add", request, sink))
         finished = False
         try:
@@ -126,6 +139,8 @@ class AsyncEngine:
                 if finished:
                     return
         finally:
+            with self._submit_lock:
+                self._live -= 1
             if not finished:  # cancelled, closed early or failed: free the sequence's slot
                 self._inbox.put(("abort", request.seq_id, sink))
 

@@ -18,7 +18,7 @@ import grpc
 
 from protos import specray_pb2 as pb
 from protos import specray_pb2_grpc as pb_grpc
-from workers.engine.async_engine import AsyncEngine
+from workers.engine.async_engine import AsyncEngine, EngineBusy
 from workers.engine.multi_draft import MultiDraftClient
 from workers.engine.sequence import Request
 from workers.wire import SERVER_OPTIONS, GrpcTLS, add_port, params_from_proto
@@ -65,6 +65,8 @@ class TargetWorker(pb_grpc.TargetServiceServicer):
                 yield chunk
         except ValueError as e:  # refused inside the engine thread (e.g. duplicate id)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except EngineBusy as e:  # at capacity: the router tries another replica, or answers 503
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         finally:
             await gen.aclose()  # cancelled call -> abort the sequence in the engine
 

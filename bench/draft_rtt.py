@@ -40,6 +40,7 @@ def run_draft_rtt(steps: int = 300, k: int = 4, warmup: int = 20, timeout_s: flo
     try:
         tls = GrpcTLS.from_files(**tls_files) if tls_files else None
         client = RemoteDraftClient(f"127.0.0.1:{port}", k=k, max_wait_s=1.0, connect_timeout_s=30, tls=tls)
+        secure = tls is not None and _refuses_plaintext(f"127.0.0.1:{port}")
         ctx = list(range(50)) * 4  # repetitive, so the ngram drafter always has a continuation
         client.start("s", SamplingParams())
         client.verdict("s", ctx, 1, 0, None)
@@ -58,7 +59,23 @@ def run_draft_rtt(steps: int = 300, k: int = 4, warmup: int = 20, timeout_s: flo
     finally:
         proc.kill()
         proc.wait()
-    return {"steps": steps, "k": k, "round_trip_ms": _percentiles(lat[warmup:]), "samples_s": lat[warmup:]}
+    return {"steps": steps, "k": k, "round_trip_ms": _percentiles(lat[warmup:]), "samples_s": lat[warmup:],
+            "mutual_tls": secure}
+
+
+def _refuses_plaintext(address: str) -> bool:
+    """The worker really runs TLS: a plaintext client gets nothing from it."""
+    import grpc
+
+    from protos import specray_pb2 as pb
+    from protos import specray_pb2_grpc as pb_grpc
+
+    try:
+        with grpc.insecure_channel(address) as ch:
+            pb_grpc.DraftServiceStub(ch).Info(pb.InfoRequest(), timeout=2.0)
+    except grpc.RpcError:
+        return True
+    return False
 
 
 def _percentiles(lat: list[float]) -> dict:
@@ -72,7 +89,7 @@ def run_draft_rtt_bench(steps: int = 300, k: int = 4, compare_tls: bool = False,
     hits both alike. Reports the pooled p50 / p90 of each and their ratio."""
     if not compare_tls:
         r = run_draft_rtt(steps, k)
-        r.pop("samples_s")
+        r.pop("samples_s"), r.pop("mutual_tls")
         return r
     import tempfile
 
@@ -84,7 +101,10 @@ def run_draft_rtt_bench(steps: int = 300, k: int = 4, compare_tls: bool = False,
         files = write_certs(d)
         for _ in range(rounds):
             lat["plain"] += run_draft_rtt(per, k)["samples_s"]
-            lat["mtls"] += run_draft_rtt(per, k, tls_files=files)["samples_s"]
+            r = run_draft_rtt(per, k, tls_files=files)
+            if not r["mutual_tls"]:
+                raise RuntimeError("the TLS draft worker answered a plaintext client")
+            lat["mtls"] += r["samples_s"]
     out = {"steps": per * rounds, "k": k, "rounds": rounds,
            "round_trip_ms": {name: _percentiles(v) for name, v in lat.items()}}
     rt = out["round_trip_ms"]

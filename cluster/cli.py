@@ -284,9 +284,9 @@ def cmd_serve(args) -> int:
     })
     if args.tls_dir:
         from cluster.config import TLSConfig
-        from cluster.tls import tls_files
+        from cluster.tls import tls_section
 
-        cfg.tls = TLSConfig(**tls_files(args.tls_dir), server_name=cfg.tls.server_name if cfg.tls else "specray")
+        cfg.tls = TLSConfig(**tls_section(args.tls_dir))
     if cfg.tls:
         if args.in_process:
             raise ValueError("TLS secures the gRPC hops between Ray workers; --in-process has none (use --tls-dir "

@@ -18,9 +18,25 @@ CA_FILE, CERT_FILE, KEY_FILE = "ca.pem", "node.pem", "node-key.pem"
 
 
 def tls_files(directory: str | Path) -> dict[str, str]:
-    """The `tls` config section for a directory written by `write_certs`."""
+    """The file entries of the `tls` config section for a directory written by `write_certs`."""
     d = Path(directory).expanduser().resolve()
     return {"ca_file": str(d / CA_FILE), "cert_file": str(d / CERT_FILE), "key_file": str(d / KEY_FILE)}
+
+
+def tls_section(directory: str | Path) -> dict[str, str]:
+    """The whole `tls` section for such a directory; server_name is the certificate's first DNS name, so a set
+    written with `--server-name X` works without repeating X."""
+    from workers.wire import certificate_dns_names
+
+    files = tls_files(directory)
+    try:
+        names = certificate_dns_names(Path(files["cert_file"]).read_bytes())
+    except OSError as e:
+        raise ValueError(f"--tls-dir: cannot read {files['cert_file']}: {e.strerror or e}") from None
+    except ValueError as e:  # not a certificate: GrpcTLS.from_files says which file, later
+        names = []
+        del e
+    return files | {"server_name": names[0] if names else "specray"}
 
 
 def write_certs(out: str | Path, server_name: str = "specray", days: int = 30,
@@ -35,7 +51,10 @@ def write_certs(out: str | Path, server_name: str = "specray", days: int = 30,
         raise ValueError("specray tls-certs needs the 'cryptography' package: pip install cryptography") from None
 
     out = Path(out).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {out}: {e.strerror or e}") from None
     now = dt.datetime.now(dt.timezone.utc)
     valid = dict(not_valid_before=now - dt.timedelta(minutes=5), not_valid_after=now + dt.timedelta(days=days))
 
@@ -67,9 +86,11 @@ def write_certs(out: str | Path, server_name: str = "specray", days: int = 30,
 
     def write(filename: str, data: bytes, private: bool = False) -> None:
         path = out / filename
-        path.write_bytes(data)
-        if private:
-            os.chmod(path, 0o600)
+        if path.exists():
+            path.unlink()  # a fresh file gets the mode below from the start
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
 
     pem = serialization.Encoding.PEM
     key_pem = dict(encoding=pem, format=serialization.PrivateFormat.PKCS8,
@@ -82,7 +103,8 @@ def write_certs(out: str | Path, server_name: str = "specray", days: int = 30,
 
 
 def add_tls_certs_parser(sub) -> None:
-    p = sub.add_parser("tls-certs", help="write a test CA and a node certificate for mutual TLS between workers")
+    p = sub.add_parser("tls-certs", help="write a test CA and a node certificate for mutual TLS between workers "
+                                         "(ca-key.pem signs more: keep it off the nodes)")
     p.add_argument("--out", required=True, help="directory for ca.pem, ca-key.pem, node.pem, node-key.pem")
     p.add_argument("--server-name", default="specray", help="DNS name in the certificate (config tls.server_name)")
     p.add_argument("--days", type=int, default=30, help="validity in days")
@@ -94,6 +116,9 @@ def _cmd(args) -> int:
 
     if args.days < 1:
         raise ValueError("--days must be at least 1")
-    files = write_certs(args.out, args.server_name, args.days)
+    try:
+        files = write_certs(args.out, args.server_name, args.days)
+    except OSError as e:
+        raise ValueError(f"--out {args.out}: cannot write the certificates: {e.strerror or e}") from None
     print(json.dumps({"tls": {**files, "server_name": args.server_name}}, indent=2))
     return 0

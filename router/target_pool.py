@@ -25,12 +25,21 @@ from protos import specray_pb2_grpc as pb_grpc
 from router.errors import EngineUnavailable, RequestTimeout, TargetsBusy
 from workers.engine.async_engine import GenerationDelta, SequenceStats
 from workers.engine.sequence import Request
+from workers.servers.target_server import BUSY_METADATA
 from workers.wire import GrpcTLS, open_channel, params_to_proto
 
 log = logging.getLogger(__name__)
 
 _SUM_FIELDS = ("running", "waiting", "num_drafts", "num_draft_tokens", "num_accepted_tokens", "prompt_tokens",
                "completion_tokens", "finished", "aborted", "fallback_steps", "draft_wait_seconds")
+
+
+def _is_busy(e: grpc.aio.AioRpcError) -> bool:
+    """A target's refusal at capacity (RESOURCE_EXHAUSTED with specray's marker; gRPC's own use of the code, an
+    oversized message, is not retried)."""
+    if e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return False
+    return any(k == BUSY_METADATA for k, _ in (e.trailing_metadata() or ()))
 
 
 class NoReplicaError(EngineUnavailable):
@@ -45,6 +54,7 @@ class _Replica:
         self.info: pb.TargetInfo | pb.DraftInfo | None = None
         self.in_flight = 0
         self.healthy = False
+        self.reported = False  # its being unreachable has been logged
         self.listed = True  # still registered; a replica leaving the pool keeps its streams but gets no new ones
         self.seen = time.monotonic()
 
@@ -112,8 +122,15 @@ class TargetPoolClient:
         try:
             r.info = await r.stub.Info(pb.InfoRequest(), timeout=2.0)
             r.healthy = getattr(r.info, "healthy", True)
-        except grpc.aio.AioRpcError:
+            r.reported = False
+        except grpc.aio.AioRpcError as e:
+            if not r.reported:  # once per outage: a TLS mismatch would otherwise look like "no replica", silently
+                log.warning("replica %s unreachable: %s: %s", r.address, e.code().name, e.details())
+                r.reported = True
             r.healthy = False
+
+    def _untried(self, tried: set[str]) -> bool:
+        return any(r.healthy and r.listed and r.address not in tried for r in self.targets.values())
 
     def _pick_target(self, exclude: set[str]) -> _Replica:
         healthy = [r for r in self.targets.values() if r.healthy and r.listed and r.address not in exclude]
@@ -146,6 +163,7 @@ class TargetPoolClient:
                                  num_draft_tokens=request.num_draft_tokens, stop=request.stop,
                                  ignore_eos=request.ignore_eos)
         tried: set[str] = set()
+        busy = ""  # a replica's "at capacity" refusal, if any
         while True:
             target = await self._wait_for_target(tried)
             draft = self._pick_draft() if request.num_draft_tokens > 0 else None
@@ -168,15 +186,18 @@ class TargetPoolClient:
                 if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:  # the target saw the call end and aborted it
                     raise RequestTimeout(f"the request did not finish within {self.request_timeout_s:g} s "
                                          "(router.request_timeout_s)") from None
-                if not started and e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:  # full: try the others
+                if not started and _is_busy(e):  # this replica is full: try the others
                     tried.add(target.address)
-                    if not any(r.healthy and r.listed and r.address not in tried for r in self.targets.values()):
-                        raise TargetsBusy(f"every target replica is at capacity ({e.details()})") from None
+                    busy = e.details()
+                    if not self._untried(tried):
+                        raise TargetsBusy(f"every target replica is at capacity ({busy})") from None
                     continue
                 if not started and e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN):
                     target.healthy = False  # replica died before serving us: try another one
                     tried.add(target.address)
                     log.warning("target %s unavailable (%s); retrying elsewhere", target.address, e.code())
+                    if busy and not self._untried(tried):  # the rest refused as full: say so, now
+                        raise TargetsBusy(f"every target replica is at capacity or down ({busy})") from None
                     continue
                 raise RuntimeError(f"target replica {target.address} failed: {e.code().name}: {e.details()}") \
                     from None

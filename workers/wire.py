@@ -7,7 +7,7 @@ Tensors travel as raw little-endian bytes plus dtype and shape (bf16 as its 16-b
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -95,7 +95,7 @@ class GrpcTLS:
 
     ca: bytes
     cert: bytes
-    key: bytes
+    key: bytes = field(repr=False)  # never in a log line
     server_name: str = "specray"
 
     @classmethod
@@ -111,9 +111,11 @@ class GrpcTLS:
                 raise ValueError(f"tls.{what}: {p} is not a PEM file ({marker.decode()} not found)")
             return data
 
-        return cls(ca=read(ca_file, "ca_file", b"-----BEGIN CERTIFICATE-----"),
-                   cert=read(cert_file, "cert_file", b"-----BEGIN CERTIFICATE-----"),
-                   key=read(key_file, "key_file", b"PRIVATE KEY-----"), server_name=server_name)
+        tls = cls(ca=read(ca_file, "ca_file", b"-----BEGIN CERTIFICATE-----"),
+                  cert=read(cert_file, "cert_file", b"-----BEGIN CERTIFICATE-----"),
+                  key=read(key_file, "key_file", b"PRIVATE KEY-----"), server_name=server_name)
+        _check_tls_files(ca_file, cert_file, key_file, server_name)
+        return tls
 
     def server_credentials(self) -> grpc.ServerCredentials:
         return grpc.ssl_server_credentials([(self.key, self.cert)], root_certificates=self.ca,
@@ -124,10 +126,60 @@ class GrpcTLS:
                                             certificate_chain=self.cert)
 
 
+def _check_tls_files(ca_file, cert_file, key_file, server_name: str) -> None:
+    """What gRPC would only report as "failed to bind" or a handshake that never completes, as a ValueError naming
+    the setting: a key that is not the certificate's (or is encrypted), an unreadable CA bundle, a certificate that
+    has expired or does not carry server_name."""
+    import ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        ctx.load_cert_chain(str(Path(cert_file).expanduser()), str(Path(key_file).expanduser()), password=lambda: b"")
+    except (ssl.SSLError, OSError) as e:
+        raise ValueError(f"tls.cert_file / tls.key_file: the key does not match the certificate, or is encrypted "
+                         f"(specray needs an unencrypted key): {e}") from None
+    try:
+        ctx.load_verify_locations(str(Path(ca_file).expanduser()))
+    except (ssl.SSLError, OSError) as e:
+        raise ValueError(f"tls.ca_file: not a usable CA bundle: {e}") from None
+    try:
+        from cryptography import x509
+    except ImportError:  # pragma: no cover - installed with ray's dependencies; the checks above still ran
+        return
+    import datetime as dt
+
+    cert = x509.load_pem_x509_certificate(Path(cert_file).expanduser().read_bytes())
+    if cert.not_valid_after_utc < dt.datetime.now(dt.timezone.utc):
+        raise ValueError(f"tls.cert_file: the certificate expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
+    names = certificate_dns_names(cert)
+    if server_name not in names:
+        raise ValueError(f"tls.server_name: {server_name!r} is not among the certificate's DNS names "
+                         f"{names or '(none)'}; clients would refuse every handshake")
+
+
+def certificate_dns_names(cert) -> list[str]:
+    """The DNS names of a certificate's subjectAltName (a cryptography x509.Certificate, or PEM bytes)."""
+    from cryptography import x509
+
+    if isinstance(cert, bytes):
+        cert = x509.load_pem_x509_certificate(cert)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return san.get_values_for_type(x509.DNSName)
+
+
 def add_port(server, address: str, tls: GrpcTLS | None) -> int:
-    """Bind a (sync or aio) gRPC server to address, with mutual TLS when `tls` is given; returns the port, 0 if the
-    bind failed."""
-    return server.add_secure_port(address, tls.server_credentials()) if tls else server.add_insecure_port(address)
+    """Bind a (sync or aio) gRPC server to address, with mutual TLS when `tls` is given; returns the port. A failed
+    bind is an OSError naming the address (grpcio raises a bare RuntimeError)."""
+    try:
+        port = server.add_secure_port(address, tls.server_credentials()) if tls else server.add_insecure_port(address)
+    except RuntimeError as e:
+        raise OSError(f"cannot bind a gRPC server to {address}: {e}") from None
+    if port == 0:
+        raise OSError(f"cannot bind a gRPC server to {address}")
+    return port
 
 
 def open_channel(address: str, tls: GrpcTLS | None, aio: bool = False):

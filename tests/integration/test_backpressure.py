@@ -110,6 +110,10 @@ def test_the_router_tries_another_replica_then_answers_503(target, tiny_llama):
             conn, resp = post(body | {"stream": False, "max_tokens": 4})  # capacity is back
             assert resp.status == 200 and json.loads(resp.read())["usage"]["completion_tokens"] == 4
             conn.close()
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            conn.request("GET", "/metrics")
+            assert f'specray:requests_rejected_total{{model_name="{MODEL}"}} 1.0' in conn.getresponse().read().decode()
+            conn.close()
     finally:
         for s, e in zip(servers, engines):
             s.stop()
@@ -144,5 +148,72 @@ def test_the_in_process_server_answers_503_at_capacity(target, tiny_llama):
             page = conn.getresponse().read().decode()
             conn.close()
             assert 'specray:requests_rejected_total{model_name="tiny"} 1.0' in page
+    finally:
+        eng.shutdown()
+
+
+def test_a_full_replica_sends_the_request_to_another_and_leaves_nothing_behind(target, tiny_llama, monkeypatch):
+    """The router's first pick is forced onto the full replica: it must retry on the free one (200, not 503), and
+    the refusing replica keeps no state for the refused sequence (no draft route)."""
+    from workers.drafters.ngram import NgramDrafter
+    from workers.engine.multi_draft import MultiDraftClient
+    from workers.servers.draft_server import serve_draft
+
+    dserver, dworker, dport = serve_draft(NgramDrafter(), "ngram")
+    engines = [_engine(target, max_queued=0) for _ in range(2)]
+    drafts = [MultiDraftClient(k=2) for _ in engines]
+    servers = [TargetServer(TargetWorker(e, d, MODEL)) for e, d in zip(engines, drafts)]
+    full, free = (f"127.0.0.1:{s.port}" for s in servers)
+    pool = TargetPoolClient(lambda: [full, free], lambda: [f"127.0.0.1:{dport}"], refresh_s=0.05)
+    picks = []
+
+    def full_first(exclude):
+        order = sorted((r for r in pool.targets.values() if r.healthy and r.address not in exclude),
+                       key=lambda r: r.address != full)
+        if not order:
+            from router.target_pool import NoReplicaError
+            raise NoReplicaError("none left")
+        picks.append(order[0].address)
+        return order[0]
+
+    monkeypatch.setattr(pool, "_pick_target", full_first)
+
+    async def run():
+        hold = engines[0].generate(_req("hold"))  # fills the first replica directly
+        await hold.__anext__()
+        out = []
+        async for d in pool.generate(Request("r", [3, 5, 7], 4, num_draft_tokens=2, ignore_eos=True)):
+            out += d.token_ids
+        await hold.aclose()
+        await pool.close()
+        return out
+
+    try:
+        out = asyncio.run(run())
+        assert len(out) == 4 and picks == [full, free]
+        assert "r" not in drafts[0].route  # refused before any state was kept for it
+        assert list(drafts[1].clients) == [f"127.0.0.1:{dport}"]  # the free replica was routed to the draft
+    finally:
+        for s, e, d in zip(servers, engines, drafts):
+            s.stop()
+            e.shutdown()
+            d.close()
+        dworker.stop()
+        dserver.stop(0)
+
+
+def test_an_abort_from_outside_ends_the_stream(target):
+    eng = _engine(target, max_queued=0)
+
+    async def run():
+        gen = eng.generate(_req("x"))
+        await gen.__anext__()
+        eng.abort("x")
+        rest = [d async for d in gen]
+        assert rest[-1].finished and rest[-1].finish_reason == "abort"
+        assert eng._live == 0 and not eng.at_capacity()
+
+    try:
+        asyncio.run(asyncio.wait_for(run(), 30))
     finally:
         eng.shutdown()

@@ -165,6 +165,8 @@ def _target_info(cfg):
     for addr in lister(cfg.name, "draft")():
         with open_channel(addr, tls) as ch:
             drafts.append(pb_grpc.DraftServiceStub(ch).Info(pb.InfoRequest(), timeout=5))
+        with grpc.insecure_channel(addr) as ch, pytest.raises(grpc.RpcError):
+            pb_grpc.DraftServiceStub(ch).Info(pb.InfoRequest(), timeout=5)
     return infos, drafts
 
 

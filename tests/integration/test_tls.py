@@ -159,6 +159,50 @@ def test_bad_tls_settings_are_clear_errors(tmp_path, certs, capsys):
         SpecrayConfig.model_validate({"tls": files | {"verify": False}})  # strict, like every section
     # the serve command fails fast, before Ray or any model starts
     assert cli_main(["serve", "--tls-dir", str(tmp_path / "nowhere")]) == 2
-    assert "tls.ca_file: cannot read" in capsys.readouterr().err
+    assert "--tls-dir: cannot read" in capsys.readouterr().err
     assert cli_main(["serve", "--in-process", "--tls-dir", str(certs["dir"])]) == 2
     assert "--in-process has none" in capsys.readouterr().err
+    # what gRPC would only report as "failed to bind" or a handshake that never completes
+    other = certs["dir"].parent / "theirs"
+    with pytest.raises(ValueError, match="the key does not match the certificate"):
+        TLSConfig(**(files | {"key_file": str(other / "node-key.pem")})).load()
+    with pytest.raises(ValueError, match="tls.server_name: 'elsewhere' is not among the certificate's DNS names"):
+        TLSConfig(**(files | {"key_file": str(certs["dir"] / "node-key.pem"), "server_name": "elsewhere"})).load()
+    with pytest.raises(ValueError, match="tls.ca_file: not a usable CA bundle"):
+        bad_ca = tmp_path / "bad-ca.pem"
+        bad_ca.write_text("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+        TLSConfig(**(files | {"key_file": str(certs["dir"] / "node-key.pem"), "ca_file": str(bad_ca)})).load()
+    assert b"PRIVATE KEY" not in repr(certs["ours"]).encode()  # the key never reaches a log line
+    (tmp_path / "a-file").write_text("")
+    assert cli_main(["tls-certs", "--out", str(tmp_path / "a-file")]) == 2
+    assert "--out" in capsys.readouterr().err
+
+
+def test_tls_dir_takes_the_server_name_from_the_certificate(tmp_path):
+    from cluster.tls import tls_section
+
+    write_certs(tmp_path, server_name="spec.internal")
+    section = tls_section(tmp_path)
+    assert section["server_name"] == "spec.internal"
+    assert TLSConfig(**section).load().server_name == "spec.internal"
+
+
+def test_an_expired_certificate_is_a_clear_error(tmp_path, certs):
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    ca_key = serialization.load_pem_private_key((certs["dir"] / "ca-key.pem").read_bytes(), None)
+    node_key = serialization.load_pem_private_key((certs["dir"] / "node-key.pem").read_bytes(), None)
+    ca = x509.load_pem_x509_certificate((certs["dir"] / "ca.pem").read_bytes())
+    past = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=3)
+    cert = (x509.CertificateBuilder().subject_name(ca.subject).issuer_name(ca.subject)
+            .public_key(node_key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(past).not_valid_after(past + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("specray")]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    (tmp_path / "old.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    with pytest.raises(ValueError, match="tls.cert_file: the certificate expired on"):
+        TLSConfig(ca_file=str(certs["dir"] / "ca.pem"), cert_file=str(tmp_path / "old.pem"),
+                  key_file=str(certs["dir"] / "node-key.pem")).load()

@@ -145,7 +145,13 @@ class AsyncEngine:
                 self._inbox.put(("abort", request.seq_id, sink))
 
     def abort(self, seq_id: str) -> None:
+        """Abort a sequence from outside its stream; the stream ends with finish_reason "abort"."""
         self._inbox.put(("abort", seq_id, None))
+
+    def at_capacity(self) -> bool:
+        """True if generate() would refuse a new request with EngineBusy right now."""
+        with self._submit_lock:
+            return self.max_live is not None and self._live >= self.max_live
 
     def stats(self) -> dict:
         """{"running", "waiting", "finished", "aborted", "num_drafts", "num_draft_tokens", "num_accepted_tokens",
@@ -231,16 +237,20 @@ class AsyncEngine:
             _, seq_id, sink = cmd
             # only the stream that owns the sequence may abort it (a refused duplicate id must not kill the original)
             if seq_id in self._sinks and (sink is None or sink is self._sinks[seq_id]):
-                del self._sinks[seq_id]
-                self._abort(seq_id)
+                owner = self._sinks.pop(seq_id)
+                stats = self._abort(seq_id)
+                if sink is None:  # aborted from outside (abort()): its stream ends now instead of waiting forever
+                    owner.put(GenerationDelta(seq_id, [], True, "abort", stats))
                 self._stats = self._snapshot()
 
-    def _abort(self, seq_id: str) -> None:
+    def _abort(self, seq_id: str) -> SequenceStats | None:
         seq = self.engine.sequences.get(seq_id)
         if seq is None:
-            return
+            return None
         self.engine.abort(seq_id)  # also takes it out of the running batch
+        stats = SequenceStats.of(seq)
         self._retire(seq, aborted=True)
+        return stats
 
     def _dispatch(self, events: list[StepEvent]) -> None:
         for ev in events:

@@ -49,6 +49,12 @@ class MultiDraftClient(DraftClient):
             self.route[seq_id] = address
         self.ensure(address)
 
+    def unassign(self, seq_id: str) -> None:
+        """Forget a route for a sequence that never entered the engine (refused)."""
+        with self.lock:
+            if seq_id not in self.pending:
+                self.route.pop(seq_id, None)
+
     def ensure(self, address: str) -> None:
         with self.lock:
             if (address in self.clients or address in self.connecting or self._closed

@@ -261,9 +261,10 @@ def serve_draft(drafter: Drafter, name: str, host: str = "127.0.0.1", port: int 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2 * max_streams + 4), options=SERVER_OPTIONS,
                          maximum_concurrent_rpcs=max_streams + 8)
     pb_grpc.add_DraftServiceServicer_to_server(worker, server)
-    bound = add_port(server, f"{host}:{port}", tls)
-    if bound == 0:
-        worker.stop()
-        raise OSError(f"cannot bind draft worker to {host}:{port}")
+    try:
+        bound = add_port(server, f"{host}:{port}", tls)
+    except OSError:
+        worker.stop()  # its drafting thread is already running
+        raise
     server.start()
     return server, worker, bound

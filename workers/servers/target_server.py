@@ -25,6 +25,8 @@ from workers.wire import SERVER_OPTIONS, GrpcTLS, add_port, params_from_proto
 
 log = logging.getLogger(__name__)
 
+BUSY_METADATA = "specray-busy"  # trailing metadata key on a refusal at capacity
+
 
 def request_from_proto(m: pb.GenerateRequest) -> Request:
     return Request(seq_id=m.seq_id or uuid.uuid4().hex, prompt_ids=list(m.prompt_ids), max_tokens=m.max_tokens,
@@ -46,6 +48,8 @@ class TargetWorker(pb_grpc.TargetServiceServicer):
             self.engine.validate(req)  # includes the sampling parameters
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if self.engine.at_capacity():  # before assign(): a refused request leaves nothing behind
+            await self._refuse_busy(context, f"target replica at capacity ({self.engine.max_live} sequences)")
         if self.drafts is not None and req.num_draft_tokens > 0:
             self.drafts.assign(req.seq_id, request.draft_address or None)
         gen = self.engine.generate(req)
@@ -65,10 +69,19 @@ class TargetWorker(pb_grpc.TargetServiceServicer):
                 yield chunk
         except ValueError as e:  # refused inside the engine thread (e.g. duplicate id)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        except EngineBusy as e:  # at capacity: the router tries another replica, or answers 503
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except EngineBusy as e:  # filled up since the check above (another thread): no sequence to clean up
+            if self.drafts is not None:
+                self.drafts.unassign(req.seq_id)
+            await self._refuse_busy(context, str(e))
         finally:
             await gen.aclose()  # cancelled call -> abort the sequence in the engine
+
+    @staticmethod
+    async def _refuse_busy(context, message: str) -> None:
+        """RESOURCE_EXHAUSTED marked as specray's own refusal (gRPC also uses the code for oversized messages):
+        the router tries another replica, then answers 503."""
+        context.set_trailing_metadata(((BUSY_METADATA, "1"),))
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
 
     async def Info(self, request, context):
         return self.info()

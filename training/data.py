@@ -161,11 +161,12 @@ def generate(
     seed: int = 0,
     chat: bool = True,
     progress: bool = True,
-    deadline: float | None = None,  # time.monotonic() after which no new batch starts
+    deadline: float | None = None,  # time.monotonic() after which no new batch starts (but the first)
 ) -> list[dict]:
     """The target's answer to each prompt, in prompt order: rows {"prompt", "prompt_ids", "answer_ids", "answer",
     "finish", "temperature"}. Prompts too long for the model's context, and those of batches that would start
-    after `deadline`, get no row."""
+    after `deadline`, get no row. The first batch always runs: a budget used up by loading (a busy machine) still
+    yields data rather than an empty, unusable run."""
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens} and {batch_size}")
     dec = model.model
@@ -187,7 +188,7 @@ def generate(
     t0 = time.perf_counter()
     bar = tqdm(total=len(todo), unit="prompt", disable=not progress, desc=f"generate T={temperature:g}")
     for batch in batches:
-        if deadline is not None and time.monotonic() >= deadline:
+        if deadline is not None and time.monotonic() >= deadline and results:
             log.warning("time budget reached: %d of %d prompts answered", len(results), len(todo))
             break
         ids = [encoded[i] for i in batch]
@@ -553,7 +554,8 @@ def add_data_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="keep the rows already in --out and answer only prompts they do not cover")
     p.add_argument("--time-budget-s", type=float, default=None,
-                   help="start no new batch after this many seconds; what was generated is still written")
+                   help="start no new batch after this many seconds (the first batch of each pass always runs); "
+                        "what was generated is still written")
     p.set_defaults(func=run_data)
     return p
 

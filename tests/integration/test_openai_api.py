@@ -495,6 +495,9 @@ class _SlowEngine:
     def check_health(self) -> None:
         pass
 
+    def at_capacity(self) -> bool:
+        return False
+
 
 def test_a_request_past_the_router_deadline_is_a_504_and_is_aborted_on_the_target(reference):
     """router.request_timeout_s: a request still generating when it passes gets a 504 (an in-band error event when

@@ -243,8 +243,12 @@ def test_run_data_time_budget_still_writes(tiny_llama, tmp_path, capsys):
                  "--max-new-tokens", "4", "--batch-size", "8", "--time-budget-s", "1e-6")
     assert run_data(args) == 0
     meta = json.loads((out / "meta.json").read_text())
-    assert meta["time_budget_hit"] and meta["counts"]["unanswered_prompts"] == 200
-    assert (out / "train.jsonl").read_text() == ""
+    c = meta["counts"]
+    # the budget was gone before the first batch: each pass (greedy, sampled) still ran exactly one batch of 8
+    assert meta["time_budget_hit"] and 0 < c["answered_prompts"] <= 16
+    assert c["unanswered_prompts"] == 200 - c["answered_prompts"]
+    rows = (out / "train.jsonl").read_text().splitlines() + (out / "heldout.jsonl").read_text().splitlines()
+    assert len(rows) == c["rows"] > 0
 
 
 def test_run_data_resume_answers_only_new_prompts(tiny_llama, tmp_path, capsys):

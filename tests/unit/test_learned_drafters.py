@@ -414,3 +414,27 @@ def test_init_continues_from_a_trained_head(tiny_llama, data_dir, trained, tmp_p
         _train(tiny_llama, data_dir, tmp_path / "wrong", "mtp1", 1, "--init", str(trained["eagle"]))
     with pytest.raises(ValueError, match="no dspark checkpoint"):
         _train(tiny_llama, data_dir, tmp_path / "missing", "dspark", 1, "--init", str(tmp_path / "nowhere"))
+
+
+def test_dspark_serving_block_equals_the_training_path(target, trained):
+    """Serving runs the context update and the block's mask positions as ONE head pass in the slot cache; it must
+    compute what training computes with `context` + `block`: the anchor's output and every block position, also
+    when the context is already cached and only the block is fed."""
+    from training.features import FeatureExtractor
+
+    drafter = build_drafter(f"dspark:{trained['dspark']}", target, max_batch=2, max_model_len=MAX_LEN,
+                            min_confidence=0)
+    head = drafter.head
+    ctx = target.tokenizer.encode(PROMPTS[1]) + target.tokenizer.encode(PROMPTS[0])
+    feats, _ = FeatureExtractor(target.model, list(drafter.feature_layers))(torch.tensor([ctx]), [len(ctx)])
+    drafter.add_sequence("s", SamplingParams())
+    drafter.observe_target_features("s", 0, feats[0, : len(ctx) - 1])
+    st, a, K = drafter.states["s"], len(ctx) - 2, head.cfg.block_size
+    with torch.inference_mode():
+        y, kvs = head.context(head.context_inputs(feats[:, : a + 1], torch.tensor([ctx[1 : a + 2]])))
+        blk = head.block(head.mask_embed[: K - 1][None, None], kvs, torch.tensor([[a]]))
+        ref = torch.cat([y[0, a][None], blk[0, 0]])  # [K, d]
+        for _ in range(2):  # fresh slot; then the same context again, already cached
+            out = drafter._block_outputs([ctx], [st], [a], [K])
+            torch.testing.assert_close(out[0], ref, atol=1e-4, rtol=1e-4)
+            drafter.cache.rollback(st.slot, a + 1)

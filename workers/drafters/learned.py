@@ -155,10 +155,12 @@ class LearnedDrafter(Drafter):
         if not rows:
             return out
         states = [self.states[requests[i].seq_id] for i in rows]
-        self._update_context([requests[i].token_ids for i in rows], states, anchors)
+        contexts = [requests[i].token_ids for i in rows]
         if self.kind == "dspark":
-            drafted = self._draft_block(states, forced, want)
+            total = [len(f) + n for f, n in zip(forced, want)]
+            drafted = self._draft_block(states, forced, total, self._block_outputs(contexts, states, anchors, total))
         else:
+            self._update_context(contexts, states, anchors)
             drafted = self._draft_chain(states, forced, want)
         for j, i in enumerate(rows):
             self.cache.rollback(states[j].slot, anchors[j] + 1)
@@ -166,8 +168,9 @@ class LearnedDrafter(Drafter):
         return out
 
     # --- steps -----------------------------------------------------------------------------------------------------
-    def _update_context(self, contexts: list[list[int]], states: list[_State], anchors: list[int]) -> None:
-        """Make each slot hold context positions 0 .. anchor and remember the anchor's output."""
+    def _context_feeds(self, contexts: list[list[int]], states: list[_State], anchors: list[int]):
+        """Repair each slot to the longest cached prefix its context agrees with; per row, (keep, tokens) of the
+        context positions keep .. anchor still to feed, or None if the anchor's output is already known."""
         feeds = []
         for ctx, st, a in zip(contexts, states, anchors):
             target_next = ctx[1 : a + 2]  # token at t + 1 for t = 0 .. a
@@ -179,9 +182,13 @@ class LearnedDrafter(Drafter):
             self.cache.rollback(st.slot, keep)
             st.cached_next = st.cached_next[:keep]
             feeds.append((keep, target_next[keep:]))
+        return feeds
+
+    def _context_inputs(self, states: list[_State], feeds) -> tuple[list[int], torch.Tensor | None]:
+        """(rows with something to feed, their head inputs [R, T, d] right padded)."""
         todo = [j for j, f in enumerate(feeds) if f is not None]
         if not todo:
-            return
+            return todo, None
         n = [len(feeds[j][1]) for j in todo]
         T = max(n)
         feats = torch.zeros(len(todo), T, self.states_feature_dim, dtype=self.dtype)
@@ -191,12 +198,50 @@ class LearnedDrafter(Drafter):
             feats[r, : n[r]] = states[j].features[keep : keep + n[r]]
             nxt[r, : n[r]] = torch.tensor(toks)
         dev = self.head.in_proj.weight.device
-        x = self.head.context_inputs(feats.to(dev), nxt.to(dev))
+        return todo, self.head.context_inputs(feats.to(dev), nxt.to(dev))
+
+    def _update_context(self, contexts: list[list[int]], states: list[_State], anchors: list[int]) -> None:
+        """Make each slot hold context positions 0 .. anchor and remember the anchor's output."""
+        feeds = self._context_feeds(contexts, states, anchors)
+        todo, x = self._context_inputs(states, feeds)
+        if not todo:
+            return
+        n = [len(feeds[j][1]) for j in todo]
         y = self.head.cached(x, self.cache, [states[j].slot for j in todo], n)  # [R, T, d]
         for r, j in enumerate(todo):
             st = states[j]
             st.cached_next += feeds[j][1]
             st.anchor_out = y[r, n[r] - 1].clone()
+
+    def _block_outputs(self, contexts, states, anchors, total) -> torch.Tensor:
+        """dspark: the context update and the block's parallel forward in ONE head pass. Each row feeds its new
+        context positions (up to the anchor) followed by the block's mask positions, which sit right after the
+        anchor, so causal attention in the slot cache is exactly "context up to the anchor, then the block before
+        it". Returns [R, K, d]: the anchor's output, then the K - 1 block positions'."""
+        head = self.head
+        K = max(total)
+        feeds = self._context_feeds(contexts, states, anchors)
+        todo, x_ctx = self._context_inputs(states, feeds)
+        where = {j: r for r, j in enumerate(todo)}
+        n = [len(feeds[j][1]) if feeds[j] is not None else 0 for j in range(len(states))]
+        if K == 1 and not todo:
+            return torch.stack([st.anchor_out for st in states])[:, None]
+        masks = head.mask_embed[: K - 1]
+        T = max(n) + K - 1
+        x = torch.zeros(len(states), T, masks.shape[-1], dtype=masks.dtype, device=masks.device)
+        for j in range(len(states)):
+            if n[j]:
+                x[j, : n[j]] = x_ctx[where[j], : n[j]]
+            x[j, n[j] : n[j] + K - 1] = masks
+        y = head.cached(x, self.cache, [st.slot for st in states], [n[j] + K - 1 for j in range(len(states))])
+        out = torch.empty(len(states), K, masks.shape[-1], dtype=y.dtype, device=y.device)
+        for j, st in enumerate(states):
+            if n[j]:
+                st.cached_next += feeds[j][1]
+                st.anchor_out = y[j, n[j] - 1].clone()
+            out[j, 0] = st.anchor_out
+            out[j, 1:] = y[j, n[j] : n[j] + K - 1]
+        return out
 
     @property
     def states_feature_dim(self) -> int:
@@ -238,18 +283,12 @@ class LearnedDrafter(Drafter):
             i += 1
         return [DraftProposal(tokens[j], torch.stack(probs[j]) if probs[j] else None, conf[j]) for j in range(R)]
 
-    def _draft_block(self, states, forced, want) -> list[DraftProposal]:
-        """dspark: the block's positions from one parallel forward, then the Markov head position by position."""
+    def _draft_block(self, states, forced, total, o_all) -> list[DraftProposal]:
+        """dspark: the Markov head position by position over the block's parallel outputs o_all [R, K, d]."""
         head = self.head
         R = len(states)
-        total = [len(f) + n for f, n in zip(forced, want)]
         K = max(total)
-        o = [st.anchor_out[None] for st in states]  # position 0 of each row: the anchor's output
-        if K > 1:
-            x = head.mask_embed[: K - 1].unsqueeze(0).expand(R, K - 1, -1)
-            y = head.cached(x.contiguous(), self.cache, [st.slot for st in states], [t - 1 for t in total])
-            o = [torch.cat([o[j], y[j, : total[j] - 1]]) for j in range(R)]
-        o_all = torch.stack([torch.nn.functional.pad(v, (0, 0, 0, K - v.shape[0])) for v in o])  # [R, K, d]
+        total = list(total)
         greedy = all(st.params.greedy for st in states)
         tokens: list[list[int]] = [[] for _ in range(R)]
         probs: list[list[torch.Tensor]] = [[] for _ in range(R)]

@@ -132,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key", default=os.environ.get("SPECRAY_API_KEY"))
     s.add_argument("--threads", type=int, default=None, help="torch threads per target rank")
     s.add_argument("--max-batch", type=int, default=None)
+    s.add_argument("--max-queued", type=int, default=None,
+                   help="sequences a target replica queues behind --max-batch before it refuses more (503)")
     s.add_argument("--in-process", action="store_true",
                    help="no Ray: one process runs the router, the engine and the drafter")
     s.add_argument("--tls-dir", default=None,
@@ -272,7 +274,8 @@ def _emit(result: dict, path: str) -> int:
     return 0
 
 
-def cmd_serve(args) -> int:
+def serve_config(args):
+    """The SpecrayConfig `specray serve` runs: --config (or the defaults) with the flags given on top."""
     from cluster.config import load_config
 
     cfg = load_config(args.config, {
@@ -280,13 +283,18 @@ def cmd_serve(args) -> int:
         "target.num_draft_tokens": args.k, "target.tp": args.tp, "target.num_replicas": args.target_replicas,
         "draft.num_replicas": args.draft_replicas, "router.host": args.host, "router.port": args.port,
         "router.api_key": args.api_key, "target.threads": args.threads, "target.max_batch": args.max_batch,
-        "draft.min_confidence": args.min_confidence,
+        "target.max_queued": args.max_queued, "draft.min_confidence": args.min_confidence,
     })
     if args.tls_dir:
         from cluster.config import TLSConfig
         from cluster.tls import tls_section
 
         cfg.tls = TLSConfig(**tls_section(args.tls_dir))
+    return cfg
+
+
+def cmd_serve(args) -> int:
+    cfg = serve_config(args)
     if cfg.tls:
         if args.in_process:
             raise ValueError("TLS secures the gRPC hops between Ray workers; --in-process has none (use --tls-dir "

@@ -69,3 +69,20 @@ def test_errors_are_one_line(argv, needle, tiny_llama, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err
+
+
+def test_serve_flags_override_the_config_file(tmp_path, capsys):
+    from cluster.cli import build_parser, serve_config
+    from cluster.tls import write_certs
+
+    (tmp_path / "app.yaml").write_text("target: {max_batch: 4, max_queued: null}\nrouter: {port: 9001}\n")
+    base = ["serve", "--config", str(tmp_path / "app.yaml")]
+    cfg = serve_config(build_parser().parse_args(base))
+    assert (cfg.target.max_batch, cfg.target.max_queued, cfg.router.port, cfg.tls) == (4, None, 9001, None)
+    write_certs(tmp_path / "tls", server_name="spec.internal")
+    cfg = serve_config(build_parser().parse_args(base + ["--max-queued", "3", "--max-batch", "2", "--port", "9002",
+                                                         "--tls-dir", str(tmp_path / "tls")]))
+    assert (cfg.target.max_batch, cfg.target.max_queued, cfg.router.port) == (2, 3, 9002)
+    assert cfg.tls.server_name == "spec.internal" and cfg.tls.load().server_name == "spec.internal"
+    assert main(base + ["--max-queued", "-1"]) == 2  # a clear error, before anything starts
+    assert "max_queued" in capsys.readouterr().err

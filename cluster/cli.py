@@ -295,11 +295,10 @@ def serve_config(args):
 
 def cmd_serve(args) -> int:
     cfg = serve_config(args)
-    if cfg.tls:
-        if args.in_process:
-            raise ValueError("TLS secures the gRPC hops between Ray workers; --in-process has none (use --tls-dir "
-                             "without --in-process)")
-        cfg.tls.load()  # a missing or malformed file is a clear error here, not in a replica's log
+    if cfg.tls and args.in_process:
+        raise ValueError("TLS secures the gRPC hops between Ray workers; --in-process has none (use --tls-dir "
+                         "without --in-process)")
+    cfg.grpc_tls()  # a missing or malformed file is a clear error here, not in a replica's log
     if args.in_process:
         from cluster.local_serve import serve_in_process
 

@@ -15,6 +15,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
+DEFAULT_MAX_QUEUED = 256  # target.max_queued: sequences a replica queues behind its running batch
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -41,7 +44,7 @@ class TargetPoolConfig(PoolScaling):
     tp: int = Field(1, ge=1, le=8, description="tensor-parallel ranks per replica (gloo on CPU, NCCL on GPU)")
     max_batch: int = Field(8, ge=1, description="sequences decoded together per replica")
     max_queued: int | None = Field(
-        256, ge=0, description="sequences a replica queues behind its max_batch running ones; past that it refuses "
+        DEFAULT_MAX_QUEUED, ge=0, description="sequences a replica queues behind its max_batch running ones; past that it refuses "
                                "new ones (the router tries another replica, then answers 503 + Retry-After). "
                                "null: no bound")
     max_model_len: int = Field(4096, ge=16)
@@ -114,6 +117,10 @@ class SpecrayConfig(_Strict):
         if not v or not v.replace("-", "").replace("_", "").isalnum():
             raise ValueError("name must be alphanumeric (dashes and underscores allowed)")
         return v
+
+    def grpc_tls(self):
+        """The `tls` section's files read and checked (workers.wire.GrpcTLS), or None without one."""
+        return self.tls.load() if self.tls else None
 
     @property
     def served_model_name(self) -> str:

@@ -49,7 +49,7 @@ class DraftPool:
         from workers.servers.draft_server import serve_draft
 
         cfg = SpecrayConfig.model_validate(config)
-        tls = cfg.tls.load() if cfg.tls else None  # before any model loads: a bad path fails fast
+        tls = cfg.grpc_tls()  # before any model loads: a bad path fails fast
         d = cfg.draft
         torch.set_num_threads(d.threads)  # Ray sets OMP_NUM_THREADS=1; be explicit
         kind, _ = parse_draft_spec(d.drafter)
@@ -163,7 +163,7 @@ class TargetPool:
         from workers.servers.target_server import TargetServer, TargetWorker
 
         cfg = SpecrayConfig.model_validate(config)
-        tls = cfg.tls.load() if cfg.tls else None
+        tls = cfg.grpc_tls()
         t = cfg.target
         torch.set_num_threads(t.threads)
         lm = load_model(t.model, t.dtype)
@@ -237,7 +237,7 @@ class Router:
         tokenizer = AutoTokenizer.from_pretrained(resolve(cfg.target.model))
         self.pool = TargetPoolClient(lister(cfg.name, "target"), lister(cfg.name, "draft"),
                                      request_timeout_s=cfg.router.request_timeout_s,
-                                     tls=cfg.tls.load() if cfg.tls else None)
+                                     tls=cfg.grpc_tls())
         self._asgi = build_app(self.pool, cfg.served_model_name, tokenizer, cfg.router.api_key,
                              max_model_len=cfg.target.max_model_len,
                              default_num_draft_tokens=cfg.target.num_draft_tokens)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cluster.config import DEFAULT_MAX_QUEUED
 from workers.drafters.registry import build_drafter
 from workers.engine.async_engine import AsyncEngine
 from workers.engine.draft_client import InProcessDraftClient
@@ -48,7 +49,7 @@ class LocalStack:
 def build_stack(target: str, draft: str = "none", k: int = 4, dtype: str = "fp32", max_batch: int = 8,
                 api_key: str | None = None, max_model_len: int | None = None,
                 model_name: str | None = None, min_confidence: float | None = None,
-                max_queued: int | None = 256) -> LocalStack:
+                max_queued: int | None = DEFAULT_MAX_QUEUED) -> LocalStack:
     """Load the target, build the drafter, the engine, its thread and the HTTP app (nothing is listening yet)."""
     from transformers import AutoTokenizer
 
@@ -79,7 +80,7 @@ def serve_in_process(target: str, draft: str = "none", k: int = 4, dtype: str = 
                      port: int = DEFAULT_PORT, max_batch: int = 8, api_key: str | None = None,
                      threads: int | None = None, max_model_len: int | None = None,
                      model_name: str | None = None, min_confidence: float | None = None,
-                     max_queued: int | None = 256) -> None:
+                     max_queued: int | None = DEFAULT_MAX_QUEUED) -> None:
     """Run the OpenAI-compatible server until SIGINT/SIGTERM; returns after the engine thread has stopped."""
     import uvicorn
 

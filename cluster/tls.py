@@ -33,9 +33,8 @@ def tls_section(directory: str | Path) -> dict[str, str]:
         names = certificate_dns_names(Path(files["cert_file"]).read_bytes())
     except OSError as e:
         raise ValueError(f"--tls-dir: cannot read {files['cert_file']}: {e.strerror or e}") from None
-    except ValueError as e:  # not a certificate: GrpcTLS.from_files says which file, later
+    except ValueError:  # not a certificate: GrpcTLS.from_files says which file, later
         names = []
-        del e
     return files | {"server_name": names[0] if names else "specray"}
 
 
@@ -56,7 +55,7 @@ def write_certs(out: str | Path, server_name: str = "specray", days: int = 30,
     except OSError as e:
         raise ValueError(f"--out {out}: {e.strerror or e}") from None
     now = dt.datetime.now(dt.timezone.utc)
-    valid = dict(not_valid_before=now - dt.timedelta(minutes=5), not_valid_after=now + dt.timedelta(days=days))
+    not_before, not_after = now - dt.timedelta(minutes=5), now + dt.timedelta(days=days)
 
     def name(cn: str) -> x509.Name:
         return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
@@ -64,7 +63,7 @@ def write_certs(out: str | Path, server_name: str = "specray", days: int = 30,
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = (x509.CertificateBuilder().subject_name(name(ca_name)).issuer_name(name(ca_name))
           .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(valid["not_valid_before"]).not_valid_after(valid["not_valid_after"])
+          .not_valid_before(not_before).not_valid_after(not_after)
           .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
           .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
                                        content_commitment=False, key_encipherment=False, data_encipherment=False,
@@ -77,7 +76,7 @@ def write_certs(out: str | Path, server_name: str = "specray", days: int = 30,
                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
     cert = (x509.CertificateBuilder().subject_name(name(server_name)).issuer_name(ca.subject)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(valid["not_valid_before"]).not_valid_after(valid["not_valid_after"])
+            .not_valid_before(not_before).not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(san, critical=False)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),

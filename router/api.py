@@ -272,7 +272,7 @@ def build_app(engine_client, model_name: str, tokenizer, api_key: str | None = N
     async def _unavailable(_, e: EngineUnavailable | EngineBusy):
         metrics.rejected.inc()
         out = _error(503, str(e), type="service_unavailable")
-        out.headers["Retry-After"] = str(getattr(e, "retry_after_s", 1))
+        out.headers["Retry-After"] = str(e.retry_after_s)
         return out
 
     @app.exception_handler(RequestTimeout)

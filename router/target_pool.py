@@ -129,11 +129,12 @@ class TargetPoolClient:
                 r.reported = True
             r.healthy = False
 
-    def _untried(self, tried: set[str]) -> bool:
-        return any(r.healthy and r.listed and r.address not in tried for r in self.targets.values())
+    def _candidates(self, exclude: set[str]) -> list[_Replica]:
+        """Target replicas a new request may go to: healthy, still registered, not tried already."""
+        return [r for r in self.targets.values() if r.healthy and r.listed and r.address not in exclude]
 
     def _pick_target(self, exclude: set[str]) -> _Replica:
-        healthy = [r for r in self.targets.values() if r.healthy and r.listed and r.address not in exclude]
+        healthy = self._candidates(exclude)
         if not healthy:
             raise NoReplicaError("no healthy target replica is available")
         a, b = random.sample(healthy, 2) if len(healthy) > 1 else (healthy[0], healthy[0])
@@ -189,14 +190,14 @@ class TargetPoolClient:
                 if not started and _is_busy(e):  # this replica is full: try the others
                     tried.add(target.address)
                     busy = e.details()
-                    if not self._untried(tried):
+                    if not self._candidates(tried):
                         raise TargetsBusy(f"every target replica is at capacity ({busy})") from None
                     continue
                 if not started and e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN):
                     target.healthy = False  # replica died before serving us: try another one
                     tried.add(target.address)
                     log.warning("target %s unavailable (%s); retrying elsewhere", target.address, e.code())
-                    if busy and not self._untried(tried):  # the rest refused as full: say so, now
+                    if busy and not self._candidates(tried):  # the rest refused as full: say so, now
                         raise TargetsBusy(f"every target replica is at capacity or down ({busy})") from None
                     continue
                 raise RuntimeError(f"target replica {target.address} failed: {e.code().name}: {e.details()}") \

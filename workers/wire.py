@@ -101,8 +101,7 @@ class GrpcTLS:
     @classmethod
     def from_files(cls, ca_file: str | Path, cert_file: str | Path, key_file: str | Path,
                    server_name: str = "specray") -> "GrpcTLS":
-        def read(path, what: str, marker: bytes) -> bytes:
-            p = Path(path).expanduser()
+        def read(p: Path, what: str, marker: bytes) -> bytes:
             try:
                 data = p.read_bytes()
             except OSError as e:
@@ -111,10 +110,11 @@ class GrpcTLS:
                 raise ValueError(f"tls.{what}: {p} is not a PEM file ({marker.decode()} not found)")
             return data
 
+        ca_file, cert_file, key_file = (Path(p).expanduser() for p in (ca_file, cert_file, key_file))
         tls = cls(ca=read(ca_file, "ca_file", b"-----BEGIN CERTIFICATE-----"),
                   cert=read(cert_file, "cert_file", b"-----BEGIN CERTIFICATE-----"),
                   key=read(key_file, "key_file", b"PRIVATE KEY-----"), server_name=server_name)
-        _check_tls_files(ca_file, cert_file, key_file, server_name)
+        _check_tls_files(ca_file, cert_file, key_file, tls)
         return tls
 
     def server_credentials(self) -> grpc.ServerCredentials:
@@ -126,7 +126,7 @@ class GrpcTLS:
                                             certificate_chain=self.cert)
 
 
-def _check_tls_files(ca_file, cert_file, key_file, server_name: str) -> None:
+def _check_tls_files(ca_file: Path, cert_file: Path, key_file: Path, tls: GrpcTLS) -> None:
     """What gRPC would only report as "failed to bind" or a handshake that never completes, as a ValueError naming
     the setting: a key that is not the certificate's (or is encrypted), an unreadable CA bundle, a certificate that
     has expired or does not carry server_name."""
@@ -134,12 +134,12 @@ def _check_tls_files(ca_file, cert_file, key_file, server_name: str) -> None:
 
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
-        ctx.load_cert_chain(str(Path(cert_file).expanduser()), str(Path(key_file).expanduser()), password=lambda: b"")
+        ctx.load_cert_chain(str(cert_file), str(key_file), password=lambda: b"")
     except (ssl.SSLError, OSError) as e:
         raise ValueError(f"tls.cert_file / tls.key_file: the key does not match the certificate, or is encrypted "
                          f"(specray needs an unencrypted key): {e}") from None
     try:
-        ctx.load_verify_locations(str(Path(ca_file).expanduser()))
+        ctx.load_verify_locations(str(ca_file))
     except (ssl.SSLError, OSError) as e:
         raise ValueError(f"tls.ca_file: not a usable CA bundle: {e}") from None
     try:
@@ -148,12 +148,12 @@ def _check_tls_files(ca_file, cert_file, key_file, server_name: str) -> None:
         return
     import datetime as dt
 
-    cert = x509.load_pem_x509_certificate(Path(cert_file).expanduser().read_bytes())
+    cert = x509.load_pem_x509_certificate(tls.cert)
     if cert.not_valid_after_utc < dt.datetime.now(dt.timezone.utc):
         raise ValueError(f"tls.cert_file: the certificate expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
     names = certificate_dns_names(cert)
-    if server_name not in names:
-        raise ValueError(f"tls.server_name: {server_name!r} is not among the certificate's DNS names "
+    if tls.server_name not in names:
+        raise ValueError(f"tls.server_name: {tls.server_name!r} is not among the certificate's DNS names "
                          f"{names or '(none)'}; clients would refuse every handshake")
 
 

@@ -93,6 +93,8 @@ class EngineBusy(RuntimeError):
     request is refused at once, before it takes memory or a slot, so the caller can try another replica or answer
     503. A queue without a bound only turns overload into timeouts."""
 
+    retry_after_s = 1
+
 
 class AsyncEngine:
     def __init__(self, engine: SpecEngine, name: str = "specray-engine", max_queued: int | None = None):
@@ -123,7 +125,7 @@ class AsyncEngine:
         sink = _Sink(asyncio.get_running_loop())
         with self._submit_lock:
             self.check_health()
-            if self.max_live is not None and self._live >= self.max_live:
+            if self._full():
                 raise EngineBusy(f"this replica is at capacity ({self._live} sequences running or queued, "
                                  f"max_batch + max_queued = {self.max_live}); retry shortly")
             self._live += 1
@@ -151,7 +153,10 @@ class AsyncEngine:
     def at_capacity(self) -> bool:
         """True if generate() would refuse a new request with EngineBusy right now."""
         with self._submit_lock:
-            return self.max_live is not None and self._live >= self.max_live
+            return self._full()
+
+    def _full(self) -> bool:  # caller holds _submit_lock
+        return self.max_live is not None and self._live >= self.max_live
 
     def stats(self) -> dict:
         """{"running", "waiting", "finished", "aborted", "num_drafts", "num_draft_tokens", "num_accepted_tokens",

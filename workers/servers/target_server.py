@@ -115,13 +115,12 @@ class TargetServer:
 
     def __init__(self, worker: TargetWorker, host: str = "127.0.0.1", port: int = 0, tls: GrpcTLS | None = None):
         self.worker = worker
-        self.tls = tls
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._server: grpc.aio.Server | None = None
         self.port = 0
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(host, port), name="target-grpc", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(host, port, tls), name="target-grpc", daemon=True)
         self._thread.start()
         self._ready.wait(30)
         if self._error is not None:
@@ -129,13 +128,13 @@ class TargetServer:
         if not self.port:
             raise OSError(f"target gRPC server did not start on {host}:{port}")
 
-    def _run(self, host: str, port: int) -> None:
+    def _run(self, host: str, port: int, tls: GrpcTLS | None) -> None:
         asyncio.set_event_loop(self._loop)
 
         async def main():
             self._server = grpc.aio.server(options=SERVER_OPTIONS)
             pb_grpc.add_TargetServiceServicer_to_server(self.worker, self._server)
-            self.port = add_port(self._server, f"{host}:{port}", self.tls)
+            self.port = add_port(self._server, f"{host}:{port}", tls)
             await self._server.start()
             self._stopped = asyncio.Event()
             self._ready.set()

@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--k", type=int, default=None, help="draft tokens verified per step")
     s.add_argument("--min-confidence", type=float, default=None,
                    help="eagle, dspark: end a draft where its predicted survival falls below this (0: full blocks)")
+    s.add_argument("--tree-width", type=int, default=None,
+                   help="mtp1, eagle, dspark with --in-process: draft greedy token trees with this many first "
+                        "tokens (default 1: chains)")
     s.add_argument("--tp", type=int, default=None, help="tensor-parallel ranks per target replica")
     s.add_argument("--target-replicas", type=int, default=None)
     s.add_argument("--draft-replicas", type=int, default=None)
@@ -284,6 +287,7 @@ def serve_config(args):
         "draft.num_replicas": args.draft_replicas, "router.host": args.host, "router.port": args.port,
         "router.api_key": args.api_key, "target.threads": args.threads, "target.max_batch": args.max_batch,
         "target.max_queued": args.max_queued, "draft.min_confidence": args.min_confidence,
+        "draft.tree_width": args.tree_width,
     })
     if args.tls_dir:
         from cluster.config import TLSConfig
@@ -298,6 +302,10 @@ def cmd_serve(args) -> int:
     if cfg.tls and args.in_process:
         raise ValueError("TLS secures the gRPC hops between Ray workers; --in-process has none (use --tls-dir "
                          "without --in-process)")
+    if cfg.draft.tree_width > 1 and not args.in_process:
+        from cluster.builder import TREES_IN_PROCESS_ONLY
+
+        raise ValueError(TREES_IN_PROCESS_ONLY)
     cfg.grpc_tls()  # a missing or malformed file is a clear error here, not in a replica's log
     if args.in_process:
         from cluster.local_serve import serve_in_process
@@ -306,7 +314,7 @@ def cmd_serve(args) -> int:
         serve_in_process(target=t.model, draft=cfg.draft.drafter, k=t.num_draft_tokens, dtype=t.dtype,
                          host=cfg.router.host, port=cfg.router.port, max_batch=t.max_batch,
                          api_key=cfg.router.api_key, threads=t.threads, min_confidence=cfg.draft.min_confidence,
-                         max_queued=t.max_queued)
+                         max_queued=t.max_queued, tree_width=cfg.draft.tree_width)
         return 0
     from cluster.launch import serve_forever
     from workers.models.loader import resolve

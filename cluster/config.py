@@ -66,6 +66,9 @@ class DraftPoolConfig(PoolScaling):
     min_confidence: float | None = Field(
         None, ge=0, le=1, description="eagle, dspark: end a draft after the token where its predicted survival "
                                       "falls below this (0 = full blocks; default: the drafter's own)")
+    tree_width: int = Field(1, ge=1, le=8, description="mtp1, eagle, dspark: draft greedy token trees with this "
+                            "many first tokens, verified in one tree-masked forward (1 = chains). In-process "
+                            "serving only: the draft pool streams chains")
     num_cpus: float = Field(0.5, gt=0)
     resources: dict[str, float] = Field(default_factory=lambda: {"draft": 0.001})
 

@@ -49,7 +49,7 @@ class LocalStack:
 def build_stack(target: str, draft: str = "none", k: int = 4, dtype: str = "fp32", max_batch: int = 8,
                 api_key: str | None = None, max_model_len: int | None = None,
                 model_name: str | None = None, min_confidence: float | None = None,
-                max_queued: int | None = DEFAULT_MAX_QUEUED) -> LocalStack:
+                max_queued: int | None = DEFAULT_MAX_QUEUED, tree_width: int = 1) -> LocalStack:
     """Load the target, build the drafter, the engine, its thread and the HTTP app (nothing is listening yet)."""
     from transformers import AutoTokenizer
 
@@ -60,7 +60,7 @@ def build_stack(target: str, draft: str = "none", k: int = 4, dtype: str = "fp32
     loaded = load_model(target, dtype)
     limit = min(max_model_len or 4096, loaded.model.args.max_position_embeddings)
     drafter = build_drafter(draft, loaded, dtype, max_batch=max_batch, max_model_len=limit,
-                            min_confidence=min_confidence)
+                            min_confidence=min_confidence, tree_width=tree_width)
     engine = SpecEngine(loaded, InProcessDraftClient(drafter) if drafter else None, max_batch=max_batch,
                         max_model_len=limit, max_draft_tokens=max(16, k))
     async_engine = AsyncEngine(engine, max_queued=max_queued)
@@ -80,14 +80,14 @@ def serve_in_process(target: str, draft: str = "none", k: int = 4, dtype: str = 
                      port: int = DEFAULT_PORT, max_batch: int = 8, api_key: str | None = None,
                      threads: int | None = None, max_model_len: int | None = None,
                      model_name: str | None = None, min_confidence: float | None = None,
-                     max_queued: int | None = DEFAULT_MAX_QUEUED) -> None:
+                     max_queued: int | None = DEFAULT_MAX_QUEUED, tree_width: int = 1) -> None:
     """Run the OpenAI-compatible server until SIGINT/SIGTERM; returns after the engine thread has stopped."""
     import uvicorn
 
     if threads:
         torch.set_num_threads(threads)
     stack = build_stack(target, draft, k, dtype, max_batch, api_key, max_model_len, model_name, min_confidence,
-                        max_queued)
+                        max_queued, tree_width)
     server = uvicorn.Server(uvicorn.Config(stack.app, host=host, port=port, log_level="info",
                                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
     # uvicorn catches SIGINT/SIGTERM while it runs, restores the previous handlers afterwards and re-raises the

@@ -42,7 +42,9 @@ class RecordingClient(InProcessDraftClient):
     def drafts(self, requests):
         out = super().drafts(requests)
         for r, p in zip(requests, out):
-            self.last[r.seq_id] = list(p.confidence or [])[: r.k]
+            # a tree's confidences are per node, and which branch was judged is not known here: calibration is
+            # measured on chains
+            self.last[r.seq_id] = [] if p.is_tree else list(p.confidence or [])[: r.k]
         return out
 
     def verdict(self, seq_id, token_ids, num_new, feature_start, hidden) -> None:
@@ -71,7 +73,7 @@ def expected_calibration_error(pairs: list[tuple[float, int]], bins: int = 10) -
 def run_eval(target: str, drafts: list[str], prompts: list[dict], k: int, max_tokens: int, dtype: str = "bf16",
              temperature: float = 0.0, chat: bool = True, rows_path: str | None = None, seed: int = 0,
              max_model_len: int = 4096, min_confidence: float | list[float | None] | None = None,
-             threads: int | None = None,
+             threads: int | None = None, tree_width: int | list[int] = 1,
              progress: bool = True) -> dict:
     if threads:
         torch.set_num_threads(threads)
@@ -79,7 +81,9 @@ def run_eval(target: str, drafts: list[str], prompts: list[dict], k: int, max_to
     bars = [min_confidence] if isinstance(min_confidence, (int, float)) or min_confidence is None \
         else list(min_confidence)
     engines, clients, specs = {}, {}, []
+    widths = [tree_width] if isinstance(tree_width, int) else list(tree_width)
     for spec in ["none"] + [d for d in drafts if d != "none"]:
+        spec, own_width = _split_tree(spec)
         spec, own = _split_bar(spec)
         if own is not None:  # KIND@P: this drafter at its own bar
             setups = [(f"{spec}@{own:g}", own)]
@@ -87,8 +91,12 @@ def run_eval(target: str, drafts: list[str], prompts: list[dict], k: int, max_to
             setups = [(f"{spec}@{bar:g}", bar) for bar in bars]
         else:
             setups = [(spec, bars[0])]
-        for name, bar in setups:
-            drafter = build_drafter(spec, lm, max_batch=1, max_model_len=max_model_len, min_confidence=bar)
+        learned = parse_draft_spec(spec)[0] in ("mtp1", "eagle", "dspark")
+        tree_ws = [own_width] if own_width else widths if learned else [1]
+        for (name, bar), w in [(s, w) for s in setups for w in tree_ws]:
+            name = f"{name}+tree{w}" if w > 1 else name
+            drafter = build_drafter(spec, lm, max_batch=1, max_model_len=max_model_len, min_confidence=bar,
+                                    tree_width=w)
             clients[name] = RecordingClient(drafter) if drafter is not None else None
             engines[name] = SpecEngine(lm, clients[name], max_batch=1, max_model_len=max_model_len)
             specs.append(name)
@@ -185,7 +193,7 @@ def run_eval_cmd(args) -> int:
     rows = load_prompts(args.prompts)[: args.limit]
     result = run_eval(args.target, args.draft, rows, args.k, args.max_tokens, dtype=args.dtype,
                       temperature=args.temperature, chat=not args.no_chat, rows_path=args.rows, seed=args.seed,
-                      min_confidence=args.min_confidence, threads=args.threads)
+                      min_confidence=args.min_confidence, threads=args.threads, tree_width=args.tree_width)
     text = json.dumps(result, indent=2)
     if args.json_out:
         Path(args.json_out).write_text(text + "\n")
@@ -209,6 +217,24 @@ def _split_bar(spec: str) -> tuple[str, float | None]:
     return head, bar
 
 
+def _split_tree(spec: str) -> tuple[str, int | None]:
+    """`dspark+tree3` -> ("dspark", 3): a learned drafter evaluated with its own tree width."""
+    head, sep, tail = spec.rpartition("+tree")
+    if not sep or not tail.isdigit():
+        return spec, None
+    return head, int(tail)
+
+
+def _widths(text: str) -> list[int]:
+    try:
+        widths = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        widths = []
+    if not widths or not all(1 <= w <= 8 for w in widths):
+        raise argparse.ArgumentTypeError(f"expected integers in [1, 8] separated by commas, got {text!r}")
+    return widths
+
+
 def _bars(text: str) -> list[float]:
     try:
         bars = [float(x) for x in text.split(",") if x.strip()]
@@ -224,7 +250,8 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--target", default="smollm2-135m")
     p.add_argument("--draft", action="append", required=True,
                    help="KIND:PATH, a shipped KIND (mtp1, eagle, dspark), ngram or model:PATH; repeatable; "
-                        "eagle and dspark take @P for their own survival bar (dspark@0.2)")
+                        "eagle and dspark take @P for their own survival bar (dspark@0.2), learned drafters "
+                        "+treeW for their own tree width (dspark@0.3+tree3)")
     p.add_argument("--prompts", required=True, help="JSONL prompt file ({'id', 'prompt'} rows)")
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--k", type=int, default=7, help="draft tokens per step (mtp1 always drafts 1)")
@@ -234,6 +261,9 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--min-confidence", type=_bars, default=None, metavar="P[,P...]",
                    help="eagle, dspark: end a draft after the token where its predicted survival falls below P "
                         "(0: never; default: the drafter's own). Several values evaluate each drafter at each")
+    p.add_argument("--tree-width", type=_widths, default=[1], metavar="W[,W...]",
+                   help="learned drafters: draft greedy token trees with W first tokens (1: chains, the default); "
+                        "several values evaluate each learned drafter at each. KIND+treeW sets one drafter's own")
     p.add_argument("--no-chat", action="store_true", help="feed prompts raw instead of through the chat template")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)

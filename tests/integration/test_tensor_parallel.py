@@ -177,7 +177,7 @@ def tp_world(tiny_models, uneven_llama, tmp_path_factory) -> tuple[Path, dict[st
 
 
 @torch.inference_mode()
-def _scenario(forward, cache, vocab: int, sync=None) -> list[torch.Tensor]:
+def _scenario(forward, cache, vocab: int, sync=None, compact=None) -> list[torch.Tensor]:
     """The forward passes an engine makes, with rollbacks in between; returns every real output position."""
     g = torch.Generator().manual_seed(0)
 
@@ -199,6 +199,15 @@ def _scenario(forward, cache, vocab: int, sync=None) -> list[torch.Tensor]:
     o = forward(toks(2, 5), cache, [2, 0], num_new=[5, 3], hidden_layers=(1,))
     outs += [o.logits[0], o.logits[1, :3], o.hidden[0], o.hidden[1, :3]]
     cache.rollback(2, 12 + 1)
+    # a token tree on slot 2, then its accepted path (row positions 0, 2, 3) moved into place: the last forward
+    # below reads slot 2 through the compacted entries
+    o = forward(toks(1, 6), cache, [2], tree=torch.tensor([[-1, 0, 0, 2, 1, -1]]))
+    outs.append(o.logits[0])
+    if compact is not None:
+        compact(cache, 2, 13, [0, 2, 3])
+    else:
+        cache.compact(2, 13, [0, 2, 3])
+    cache.rollback(2, 13 + 3)
     for _ in range(3):  # one token at a time: the mask-free B = 1, T = 1 path
         outs.append(forward(toks(1, 1), cache, [1]).logits)
     outs.append(forward(toks(3, 1), cache, [0, 1, 2]).logits)  # contiguous slots: a sliced read
@@ -216,7 +225,8 @@ def _parity_rank(rank: int, world: int, dirs: dict[str, str], out: str) -> None:
         if rank == 0:
             leader = TPLeader(model)
             try:
-                record["outs"] = _scenario(leader, cache, model.args.vocab_size, sync=leader.sync_lengths)
+                record["outs"] = _scenario(leader, cache, model.args.vocab_size, sync=leader.sync_lengths,
+                                           compact=leader.compact)
                 record["steps"] = leader.num_steps
             finally:
                 leader.shutdown()
@@ -238,7 +248,7 @@ def test_tp2_logits_equal_tp1(tp_world):
             torch.testing.assert_close(got, want, atol=1e-4, rtol=0, msg=lambda m: f"{name} output {i}: {m}")
         assert lead["lengths"] == cache.lengths
         assert follow["lengths"] == cache.lengths  # rollbacks reached the follower through SYNC_LENGTHS
-        assert follow["counts"] == {"forward": lead["steps"], "sync_lengths": 1}
+        assert follow["counts"] == {"forward": lead["steps"], "sync_lengths": 1, "compact": 1}
         expected_kv = [1, 2] if name == "uneven" else [1, 1]
         assert [lead["kv_heads"], follow["kv_heads"]] == expected_kv
 
@@ -283,5 +293,5 @@ def test_spec_engine_greedy_tp2_is_token_identical_to_tp1(tp_world):
     assert 0 < accepted < drafted  # drafts both kept and rejected: the run exercises rollbacks
     lead, follow = (json.loads((out / f"engine-{r}.json").read_text()) for r in range(WORLD))
     assert lead["seqs"] == ref
-    assert follow["counts"] == {"forward": lead["steps"], "sync_lengths": 0}
+    assert follow["counts"] == {"forward": lead["steps"], "sync_lengths": 0, "compact": 0}
     assert lead["steps"] > len(PROMPTS)

@@ -37,6 +37,71 @@ class DraftProposal:
     probs: torch.Tensor | None = None
     # dspark: per token, the predicted probability that it is accepted given the tokens before it were
     confidence: list[float] | None = None
+    # A draft tree instead of a chain (greedy only): parents[i] is the index in `tokens` of token i's parent, -1
+    # for a child of the last committed token; parents come before their children. None means a chain.
+    parents: list[int] | None = None
+
+    @property
+    def is_tree(self) -> bool:
+        return self.parents is not None and any(p != i - 1 for i, p in enumerate(self.parents))
+
+    def depth(self) -> int:
+        """Tokens on the longest root-to-leaf path: what verifying this proposal can commit at most, minus one."""
+        if self.parents is None:
+            return len(self.tokens)
+        d: list[int] = []
+        for p in self.parents:
+            d.append(1 if p < 0 else d[p] + 1)
+        return max(d, default=0)
+
+    def within(self, max_depth: int, max_nodes: int) -> DraftProposal:
+        """This proposal cut to at most max_depth tokens deep and max_nodes tokens in all (a chain is cut to
+        min of both; a tree keeps its first nodes that are shallow enough, which is again a tree)."""
+        if self.parents is None:
+            n = min(max_depth, max_nodes)
+            if len(self.tokens) <= n:
+                return self
+            return DraftProposal(self.tokens[:n], None if self.probs is None else self.probs[:n],
+                                 None if self.confidence is None else self.confidence[:n])
+        d: list[int] = []
+        keep: dict[int, int] = {}  # old index -> new index
+        for i, p in enumerate(self.parents):
+            d.append(1 if p < 0 else d[p] + 1)
+            if d[i] <= max_depth and len(keep) < max_nodes and (p < 0 or p in keep):
+                keep[i] = len(keep)
+        if len(keep) == len(self.tokens):
+            return self
+        idx = list(keep)
+        return DraftProposal([self.tokens[i] for i in idx], None,
+                             None if self.confidence is None else [self.confidence[i] for i in idx],
+                             [-1 if self.parents[i] < 0 else keep[self.parents[i]] for i in idx])
+
+    def best_nodes(self, n: int) -> DraftProposal:
+        """A tree cut to its n most promising nodes: those whose path survival, the product of `confidence` from
+        the root down to the node, is highest. Survival never grows down a path, so every kept node's ancestors
+        are kept too (ties go to the earlier node, which is the ancestor)."""
+        if self.parents is None or len(self.tokens) <= n or self.confidence is None:
+            return self
+        score: list[float] = []
+        for i, p in enumerate(self.parents):
+            score.append(self.confidence[i] * (1.0 if p < 0 else score[p]))
+        keep = sorted(sorted(range(len(score)), key=lambda i: (-score[i], i))[:n])
+        new = {old: j for j, old in enumerate(keep)}
+        return DraftProposal([self.tokens[i] for i in keep], None, [self.confidence[i] for i in keep],
+                             [-1 if self.parents[i] < 0 else new[self.parents[i]] for i in keep])
+
+    def main_chain(self) -> DraftProposal:
+        """A tree's first branch (each node's first child, from the root) as a chain, for paths that verify
+        chains only (the disaggregated token stream)."""
+        if not self.is_tree:
+            return DraftProposal(self.tokens, self.probs, self.confidence)
+        idx, want = [], -1
+        for i, p in enumerate(self.parents):
+            if p == want:
+                idx.append(i)
+                want = i
+        return DraftProposal([self.tokens[i] for i in idx], None,
+                             None if self.confidence is None else [self.confidence[i] for i in idx])
 
 
 class Drafter(ABC):

@@ -36,6 +36,9 @@ CANDIDATES = 256
 # Default predicted-survival bar at which a draft ends (`min_confidence`), per kind; measured on held-out chat
 # prompts with `specray eval --min-confidence ...` (README, "Learned drafters").
 DEFAULT_MIN_CONFIDENCE = {"mtp1": 0.0, "eagle": 0.3, "dspark": 0.3}
+# A token tree keeps at most this many nodes, the ones with the highest predicted path survival: verifying 8 to ~16
+# positions costs a CPU target about the same (fixed costs dominate), more than that costs more.
+MAX_TREE_NODES = 12
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------------------
@@ -103,7 +106,7 @@ class _State:
 
 class LearnedDrafter(Drafter):
     def __init__(self, head: DraftHead, max_batch: int = 8, max_model_len: int = 4096, max_draft_tokens: int = 16,
-                 min_confidence: float | None = None):
+                 min_confidence: float | None = None, tree_width: int = 1):
         self.head = head
         self.cfg = head.cfg
         self.kind = head.cfg.kind
@@ -115,6 +118,13 @@ class LearnedDrafter(Drafter):
         self.min_confidence = DEFAULT_MIN_CONFIDENCE[self.kind] if min_confidence is None else min_confidence
         if not 0 <= self.min_confidence <= 1:
             raise ValueError(f"min_confidence must be in [0, 1], got {self.min_confidence}")
+        # Greedy drafts become token trees with this many first tokens (the best guesses for the position right
+        # after the committed text, where a chain is rejected most often); 1 keeps chains. eagle and mtp1 add the
+        # runners-up as one-token branches; dspark continues each with its Markov head over the same block pass.
+        if not 1 <= tree_width <= 8:
+            raise ValueError(f"tree_width must be in [1, 8], got {tree_width}")
+        self.tree_width = tree_width
+        self.max_tree_nodes = MAX_TREE_NODES
         self.cache = head.new_cache(max_batch, max_model_len + self.max_draft_tokens + 2)
         self.states: dict[str, _State] = {}
         self.dtype = head.in_proj.weight.dtype
@@ -164,7 +174,7 @@ class LearnedDrafter(Drafter):
             drafted = self._draft_chain(states, forced, want)
         for j, i in enumerate(rows):
             self.cache.rollback(states[j].slot, anchors[j] + 1)
-            out[i] = drafted[j]
+            out[i] = drafted[j].best_nodes(self.max_tree_nodes)
         return out
 
     # --- steps -----------------------------------------------------------------------------------------------------
@@ -257,6 +267,7 @@ class LearnedDrafter(Drafter):
         conf: list[list[float]] = [[] for _ in range(R)]
         survive = [1.0] * R  # the draft's own estimate that every token so far is accepted
         total = [len(f) + n for f, n in zip(forced, want)]
+        alts: list[list[tuple[int, float]]] = [[] for _ in range(R)]  # extra first tokens (tree_width > 1)
         i = 0
         while True:
             # position i of every active row: forced (assumed) or drafted from its current output
@@ -265,7 +276,14 @@ class LearnedDrafter(Drafter):
             if drafted:
                 lg = head.logits(torch.stack([outs[j] for j in drafted]))  # [n, Vd]
                 picks = self._pick([states[j] for j in drafted], lg, [probs[j] for j in drafted])
-                top = lg.softmax(-1).amax(-1).tolist()
+                sm = lg.softmax(-1)
+                top = sm.amax(-1).tolist()
+                if i == 0 and self.tree_width > 1:  # the runners-up for the first position, as extra branches
+                    p_alt, i_alt = sm.topk(min(self.tree_width, sm.shape[-1]), -1)
+                    t_alt = head.draft_vocab[i_alt[:, 1:]].tolist()
+                    for r, j in enumerate(drafted):
+                        if states[j].params.greedy and not forced[j]:
+                            alts[j] = list(zip(t_alt[r], p_alt[r, 1:].tolist()))
                 for j, t, c in zip(drafted, picks, top):
                     tokens[j].append(t)
                     conf[j].append(c)
@@ -281,31 +299,53 @@ class LearnedDrafter(Drafter):
             for r, j in enumerate(nxt):
                 outs[j] = y[r]
             i += 1
-        return [DraftProposal(tokens[j], torch.stack(probs[j]) if probs[j] else None, conf[j]) for j in range(R)]
+        out = []
+        for j in range(R):
+            if alts[j]:
+                n = len(tokens[j])
+                out.append(DraftProposal(tokens[j] + [t for t, _ in alts[j]], None, conf[j] + [c for _, c in alts[j]],
+                                         list(range(-1, n - 1)) + [-1] * len(alts[j])))
+            else:
+                out.append(DraftProposal(tokens[j], torch.stack(probs[j]) if probs[j] else None, conf[j]))
+        return out
 
     def _draft_block(self, states, forced, total, o_all) -> list[DraftProposal]:
-        """dspark: the Markov head position by position over the block's parallel outputs o_all [R, K, d]."""
+        """dspark: the Markov head position by position over the block's parallel outputs o_all [R, K, d].
+
+        With tree_width > 1 a greedy row drafts that many branches: branch b starts with the b-th best token of
+        the parallel guess for the first position and continues with the Markov head from there. The branches
+        share the block pass (its outputs do not depend on the drafted tokens), so a branch costs only the Markov
+        head's re-ranking, and the target verifies them all in one tree-masked forward."""
         head = self.head
         R = len(states)
         K = max(total)
-        total = list(total)
         greedy = all(st.params.greedy for st in states)
-        tokens: list[list[int]] = [[] for _ in range(R)]
-        probs: list[list[torch.Tensor]] = [[] for _ in range(R)]
-        conf: list[list[float]] = [[] for _ in range(R)]
-        survive = [1.0] * R  # the confidence head's estimate that every token so far is accepted
-        prev = [None] * R
+        width = [self.tree_width if greedy and not forced[j] and total[j] > 0 else 1 for j in range(R)]
+        row = [j for j in range(R) for _ in range(width[j])]  # virtual rows: (real row, branch)
+        branch = [b for j in range(R) for b in range(width[j])]
+        V = len(row)
+        total = [total[j] for j in row]
+        tokens: list[list[int]] = [[] for _ in range(V)]
+        probs: list[list[torch.Tensor]] = [[] for _ in range(V)]
+        conf: list[list[float]] = [[] for _ in range(V)]
+        survive = [1.0] * V  # the confidence head's estimate that every token so far is accepted
+        prev = [None] * V
         for i in range(K):
-            active = [j for j in range(R) if i < total[j]]
+            active = [v for v in range(V) if i < total[v]]
             if not active:
                 break
-            z = o_all[active, i]
-            base = head.logits(z)  # [n, Vd] the parallel guess at position i
+            real = sorted({row[v] for v in active})
+            at = {j: r for r, j in enumerate(real)}
+            pick_real = torch.tensor([at[row[v]] for v in active], device=o_all.device)
+            base_real = head.logits(o_all[real, i])  # [n_real, Vd] the parallel guess at position i
+            base = base_real[pick_real]
+            z = o_all[[row[v] for v in active], i]
             if i > 0:
-                p = torch.tensor([prev[j] for j in active], device=z.device)
+                p = torch.tensor([prev[v] for v in active], device=z.device)
                 z = head.markov(z, p)
-            c = head.confidence_of(z, base.softmax(-1).amax(-1)).tolist()
-            drafted = [r for r, j in enumerate(active) if i >= len(forced[j])]
+            sm = base.softmax(-1)
+            c = head.confidence_of(z, sm.amax(-1)).tolist()
+            drafted = [r for r, v in enumerate(active) if i >= len(forced[row[v]])]
             picks: list[int] = []
             if drafted:
                 if greedy and i > 0:  # re-rank the parallel guess's best candidates with the Markov state
@@ -313,23 +353,42 @@ class LearnedDrafter(Drafter):
                     h = head.norm(z[drafted])
                     scores = torch.einsum("nd,ncd->nc", h, head._lm[cand].to(h.dtype))
                     picks = head.draft_vocab[cand.gather(1, scores.argmax(-1, keepdim=True))[:, 0]].tolist()
-                elif greedy:
-                    picks = head.draft_vocab[base[drafted].argmax(-1)].tolist()
+                elif greedy:  # branch b takes the b-th best guess; a runner-up's own probability is its estimate
+                    p_top, i_top = sm[drafted].topk(min(max(width), sm.shape[-1]), -1)
+                    ranks = torch.tensor([branch[active[r]] for r in drafted], device=i_top.device)[:, None]
+                    picks = head.draft_vocab[i_top.gather(1, ranks)[:, 0]].tolist()
+                    for n, r in enumerate(drafted):
+                        if branch[active[r]]:
+                            c[r] = float(p_top[n, branch[active[r]]])
                 else:
                     lg = head.logits(z[drafted])
-                    picks = self._pick([states[active[r]] for r in drafted], lg, [probs[active[r]] for r in drafted])
+                    picks = self._pick([states[row[active[r]]] for r in drafted], lg,
+                                       [probs[active[r]] for r in drafted])
             it = iter(picks)
-            for r, j in enumerate(active):
-                if i < len(forced[j]):
-                    prev[j] = forced[j][i]
+            for r, v in enumerate(active):
+                if i < len(forced[row[v]]):
+                    prev[v] = forced[row[v]][i]
                     continue
-                prev[j] = next(it)
-                tokens[j].append(prev[j])
-                conf[j].append(c[r])
-                survive[j] *= c[r]
-                if survive[j] < self.min_confidence:  # the block ends after the token where survival falls
-                    total[j] = i + 1  # below the bar: later positions are neither scored nor verified
-        return [DraftProposal(tokens[j], torch.stack(probs[j]) if probs[j] else None, conf[j]) for j in range(R)]
+                prev[v] = next(it)
+                tokens[v].append(prev[v])
+                conf[v].append(c[r])
+                if not (i == 0 and branch[v]):  # a branch's survival counts from after its own first token
+                    survive[v] *= c[r]
+                if survive[v] < self.min_confidence:  # the block ends after the token where survival falls
+                    total[v] = i + 1  # below the bar: later positions are neither scored nor verified
+        out = []
+        for v in range(V):
+            if branch[v] == 0:
+                out.append(DraftProposal(tokens[v], torch.stack(probs[v]) if probs[v] else None, conf[v]))
+                continue
+            p = out[-1]  # the real row's proposal so far: its first branch, then earlier branches
+            if p.parents is None:
+                p.parents = list(range(-1, len(p.tokens) - 1))
+            first = len(p.tokens)
+            p.parents += [-1] + list(range(first, first + len(tokens[v]) - 1))
+            p.tokens += tokens[v]
+            p.confidence += conf[v]
+        return out
 
     def _pick(self, states: list[_State], logits: torch.Tensor, probs_out: list[list[torch.Tensor]]) -> list[int]:
         """logits: [n, Vd] over the draft vocabulary -> one target token id per row. Sampled rows draw from the

@@ -27,9 +27,10 @@ def parse_draft_spec(spec: str) -> tuple[str, str | None]:
 
 
 def build_drafter(spec: str, target, dtype="fp32", max_batch: int = 8, max_model_len: int = 4096,
-                  min_confidence: float | None = None) -> Drafter | None:
+                  min_confidence: float | None = None, tree_width: int = 1) -> Drafter | None:
     """target: the LoadedModel being served (learned drafters share its embedding and LM head). min_confidence:
-    eagle and dspark end a draft where its predicted survival falls below it (None: the drafter's default)."""
+    eagle and dspark end a draft where its predicted survival falls below it (None: the drafter's default).
+    tree_width: learned drafters draft greedy token trees with that many first tokens (1: chains)."""
     kind, arg = parse_draft_spec(spec)
     if kind == "none":
         return None
@@ -62,4 +63,4 @@ def build_drafter(spec: str, target, dtype="fp32", max_batch: int = 8, max_model
         raise ValueError(f"{path} holds a {head.cfg.kind} drafter, not {kind}")
     head.attach(target.model)
     return LearnedDrafter(head, max_batch=max_batch, max_model_len=max_model_len,
-                          min_confidence=min_confidence)
+                          min_confidence=min_confidence, tree_width=tree_width)

@@ -136,9 +136,8 @@ class SpecEngine:
         if self.draft and asked:
             got = self.draft.drafts([DraftRequest(seqs[i].seq_id, seqs[i].token_ids, wants[i]) for i in asked])
             for i, p in zip(asked, got):
-                if len(p.tokens) > wants[i]:  # never trust the draft side with the budget
-                    p = DraftProposal(p.tokens[: wants[i]], None if p.probs is None else p.probs[: wants[i]])
-                proposals[i] = p
+                # never trust the draft side with the budget: at most k deep, and no more nodes than fit
+                proposals[i] = p.within(wants[i], self.runner.max_draft_tokens)
         for i, k in enumerate(wants):
             if k > 0 and not proposals[i].tokens:
                 self.fallback_steps += 1

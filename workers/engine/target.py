@@ -87,8 +87,15 @@ class TargetRunner:
     def verify(
         self, seqs: list[Sequence], proposals: list[DraftProposal], feature_layers: tuple[int, ...] = ()
     ) -> StepResult:
-        """One batched forward over [pending token, draft tokens] for every sequence, then the verifier."""
+        """One batched forward over [pending token, draft tokens] for every sequence, then the verifier.
+
+        A greedy row may bring a token tree (`DraftProposal.parents`): its nodes go through the same forward with
+        a tree mask, the longest path the target agrees with is accepted, and that path's cache entries are moved
+        into place. A sampled row verifies a chain (a tree is cut to its first branch), so rejection sampling sees
+        exactly one draft distribution per position."""
         B = len(seqs)
+        proposals = [p.main_chain() if p.is_tree and not s.request.params.greedy else p
+                     for s, p in zip(seqs, proposals)]
         nd = [len(p.tokens) for p in proposals]
         K = max(nd)
         tokens = torch.zeros(B, K + 1, dtype=torch.long)
@@ -98,7 +105,16 @@ class TargetRunner:
                 tokens[i, 1 : nd[i] + 1] = torch.tensor(p.tokens)
         slots = [s.slot for s in seqs]
         starts = [self.cache.lengths[x] for x in slots]
-        out = self.forward(tokens, self.cache, slots, num_new=[n + 1 for n in nd], hidden_layers=feature_layers)
+        is_tree = [p.is_tree for p in proposals]
+        tree = None
+        if any(is_tree):
+            tree = torch.arange(-1, K).repeat(B, 1)  # [B, K + 1] parent of each row position; chains: t - 1
+            for i, p in enumerate(proposals):
+                if is_tree[i]:
+                    tree[i, 1 : nd[i] + 1] = torch.tensor(p.parents) + 1  # row position 0 is the pending token
+        extra = {} if tree is None else {"tree": tree}
+        out = self.forward(tokens, self.cache, slots, num_new=[n + 1 for n in nd], hidden_layers=feature_layers,
+                           **extra)
         temperature, top_k, top_p = self._params(seqs)
         draft_probs = self._draft_probs(proposals, temperature, K) if K else None
         result = verify_block(tokens[:, 1:], torch.tensor(nd), out.logits, draft_probs, temperature, top_k, top_p,
@@ -106,13 +122,36 @@ class TargetRunner:
         # one host sync per step: the accepted lengths decide what is emitted and where each slot rolls back to
         n_acc = result.num_accepted.tolist()
         out_tokens = result.output_tokens.tolist()
+        paths: dict[int, list[int]] = {}
+        if tree is not None:  # greedy tree rows: walk down the tree along the target's argmax
+            argmax = out.logits.argmax(-1).tolist()  # [B, K + 1]
+            for i, p in enumerate(proposals):
+                if is_tree[i]:
+                    path = _accepted_path(p, argmax[i])  # row positions of the accepted nodes
+                    paths[i] = path
+                    n_acc[i] = len(path)
+                    out_tokens[i] = [p.tokens[j - 1] for j in path] + [argmax[i][path[-1] if path else 0]]
         emitted, hidden = [], []
         for i, slot in enumerate(slots):
             keep = starts[i] + 1 + n_acc[i]
+            rows = None
+            if paths.get(i):
+                rows = [0] + paths[i]
+                self._compact(slot, starts[i], rows)
             self.cache.rollback(slot, keep)
             emitted.append(out_tokens[i][: n_acc[i] + 1])
-            hidden.append(out.hidden[i, : 1 + n_acc[i]] if out.hidden is not None else None)
+            if out.hidden is None:
+                hidden.append(None)
+            else:
+                hidden.append(out.hidden[i, rows] if rows is not None else out.hidden[i, : 1 + n_acc[i]])
         return StepResult(emitted, nd, n_acc, starts, hidden)
+
+    def _compact(self, slot: int, start: int, rows: list[int]) -> None:
+        compact = getattr(self.forward, "compact", None)  # a tensor-parallel leader moves its followers' too
+        if compact is not None:
+            compact(self.cache, slot, start, rows)
+        else:
+            self.cache.compact(slot, start, rows)
 
     def _draft_probs(self, proposals: list[DraftProposal], temperature: torch.Tensor, K: int) -> torch.Tensor | None:
         """[B, K, V] draft distributions for sampled rows; None when no sampled row exists or every draft is a
@@ -131,3 +170,18 @@ class TargetRunner:
                 v = min(p.probs.shape[-1], self.vocab_size)
                 probs[i, :n, :v] = p.probs[:n, :v].float()
         return probs
+
+
+def _accepted_path(proposal: DraftProposal, argmax: list[int]) -> list[int]:
+    """Greedy acceptance in a token tree: from the pending token (row position 0), follow the child whose token is
+    the target's argmax at the current node, as long as one exists. Returns the row positions (node index + 1)."""
+    children: dict[int, list[int]] = {}
+    for j, parent in enumerate(proposal.parents):
+        children.setdefault(parent + 1, []).append(j + 1)
+    path, node = [], 0
+    while True:
+        nxt = next((c for c in children.get(node, ()) if proposal.tokens[c - 1] == argmax[node]), None)
+        if nxt is None:
+            return path
+        path.append(nxt)
+        node = nxt

@@ -9,7 +9,9 @@ and vLLM broadcast their per-step metadata from the driver rank; no pickle):
     header  int64 [HEADER_LEN]: op, B, T, logits mode, n_hidden, cache num_slots, cache capacity, payload length
     payload int64 [B*T + 3B + n_hidden] (op FORWARD): tokens [B, T] flattened, slots [B],
             cache lengths before the step [B], num_new [B], hidden_layers [n_hidden]
+            (+ tree parents [B, T] flattened when the plan's mode says the rows are token trees)
     payload int64 [2B] (op SYNC_LENGTHS): slots [B], lengths [B]
+    payload int64 [2 + m] (op COMPACT): slot, start, m offsets (`KVCache.compact` after a tree was verified)
     no payload (op SHUTDOWN)
 
 A follower sets its cache lengths from the plan before each forward, so the leader's rollbacks after verification
@@ -32,7 +34,8 @@ import torch.distributed as dist
 from workers.models.decoder import Decoder, ForwardOutput
 from workers.models.kv_cache import KVCache
 
-OP_FORWARD, OP_SYNC_LENGTHS, OP_SHUTDOWN = 1, 2, 3
+OP_FORWARD, OP_SYNC_LENGTHS, OP_SHUTDOWN, OP_COMPACT = 1, 2, 3, 4
+TREE_FLAG = 8  # or-ed into the plan's mode: a tree payload follows the tokens
 LOGITS_MODES = ("all", "last")
 HEADER_LEN = 8
 
@@ -99,6 +102,7 @@ class TPLeader:
         logits: str = "all",
         hidden_layers: tuple[int, ...] = (),
         inputs_embeds: torch.Tensor | None = None,
+        tree: torch.Tensor | None = None,
     ) -> ForwardOutput:
         if inputs_embeds is not None:
             raise NotImplementedError("inputs_embeds is not part of the tensor-parallel step plan")
@@ -111,9 +115,19 @@ class TPLeader:
             raise ValueError(f"sequence would exceed the KV cache capacity of {cache.capacity} positions")
         payload = torch.cat([tokens.reshape(-1).long().cpu(), _ints(slots), _ints(starts), _ints(num_new),
                              _ints(hidden_layers)])  # [B*T + 3B + n_hidden]
-        self._send(OP_FORWARD, cache, B, T, LOGITS_MODES.index(logits), len(hidden_layers), payload)
+        mode = LOGITS_MODES.index(logits)
+        if tree is not None:
+            payload = torch.cat([payload, tree.reshape(-1).long().cpu()])
+            mode |= TREE_FLAG
+        self._send(OP_FORWARD, cache, B, T, mode, len(hidden_layers), payload)
         self.num_steps += 1
-        return self.model(tokens, cache, slots, num_new=num_new, logits=logits, hidden_layers=hidden_layers)
+        return self.model(tokens, cache, slots, num_new=num_new, logits=logits, hidden_layers=hidden_layers,
+                          tree=tree)
+
+    def compact(self, cache: KVCache, slot: int, start: int, offsets: list[int]) -> None:
+        """`KVCache.compact` on every rank."""
+        self._send(OP_COMPACT, cache, payload=_ints([slot, start, *offsets]))
+        cache.compact(slot, start, offsets)
 
     def sync_lengths(self, cache: KVCache, slots: list[int] | None = None) -> None:
         """Make the followers' cache lengths of `slots` (default: all) equal to the leader's now."""
@@ -135,12 +149,12 @@ def follower_loop(model: Decoder, cache: KVCache | None = None, group=None) -> d
     allocates it with `model.new_cache` from the geometry in the first plan, so a follower need not know how the
     leader's `TargetRunner` sized its cache."""
     src, device = _comm(group)
-    counts = {"forward": 0, "sync_lengths": 0}
+    counts = {"forward": 0, "sync_lengths": 0, "compact": 0}
     header = torch.empty(HEADER_LEN, dtype=torch.long, device=device)
     while True:
         dist.broadcast(header, src, group=group)
         # host sync: the plan decides host-side control flow (shapes, slots, cache lengths)
-        op, B, T, _mode, n_hidden, num_slots, capacity, n = header.tolist()
+        op, B, T, mode, n_hidden, num_slots, capacity, n = header.tolist()
         if op == OP_SHUTDOWN:
             return counts
         if cache is None:
@@ -155,13 +169,19 @@ def follower_loop(model: Decoder, cache: KVCache | None = None, group=None) -> d
             for s, length in zip(host[:B], host[B:]):
                 cache.lengths[s] = length
             counts["sync_lengths"] += 1
+        elif op == OP_COMPACT:
+            host = payload.tolist()
+            cache.compact(host[0], host[1], host[2:])
+            counts["compact"] += 1
         elif op == OP_FORWARD:
             tokens = payload[: B * T].view(B, T).to(model.device)  # [B, T]
-            host = payload[B * T:].tolist()  # slots, starts, num_new, hidden_layers
+            rest = B * T + 3 * B + n_hidden
+            host = payload[B * T: rest].tolist()  # slots, starts, num_new, hidden_layers
             slots, starts, num_new = host[:B], host[B: 2 * B], host[2 * B: 3 * B]
+            tree = payload[rest:].view(B, T) if mode & TREE_FLAG else None
             for s, start in zip(slots, starts):
                 cache.lengths[s] = start
-            model(tokens, cache, slots, num_new=num_new, logits="last")
+            model(tokens, cache, slots, num_new=num_new, logits="last", tree=tree)
             counts["forward"] += 1
         else:
             raise RuntimeError(f"unknown tensor-parallel op {op} from the leader")

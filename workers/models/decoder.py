@@ -220,9 +220,15 @@ class Decoder(nn.Module):
         logits: str = "all",  # "all" -> [B, T, V]; "last" -> logits of each row's last real token, [B, 1, V]
         hidden_layers: tuple[int, ...] = (),  # outputs of these decoder layers are returned, concatenated
         inputs_embeds: torch.Tensor | None = None,  # [B, T, d] overrides the embedding of tokens
+        tree: torch.Tensor | None = None,  # [B, T] long: parent of each new position within its row, -1 = none
     ) -> ForwardOutput:
         """Score T new positions per row, starting at each slot's current length, and advance the slot lengths by
-        num_new. The caller rolls lengths back for rejected positions."""
+        num_new. The caller rolls lengths back for rejected positions.
+
+        With `tree`, the T new positions of a row are the nodes of a token tree rather than a sequence: node t sits
+        at sequence position start + depth(t) (RoPE) and attends to the cached prefix and its own ancestors only,
+        while its keys and values are still written to cache position start + t (the caller compacts the accepted
+        path afterwards, `KVCache.compact`). A row whose parents are t - 1 everywhere is an ordinary chain."""
         B, T = tokens.shape
         num_new = num_new or [T] * B
         starts = [cache.lengths[s] for s in slots]
@@ -230,23 +236,36 @@ class Decoder(nn.Module):
             raise ValueError(f"sequence would exceed the KV cache capacity of {cache.capacity} positions")
         dev = self.device
         start_t = torch.tensor(starts, device=dev)
-        positions = start_t[:, None] + torch.arange(T, device=dev)  # [B, T]
+        positions = start_t[:, None] + torch.arange(T, device=dev)  # [B, T] where each new position is written
         kv_len = max(starts) + T
         slot_t = torch.tensor(slots, device=dev)
         contiguous = slots == list(range(slots[0], slots[0] + B))
         read_slots = slice(slots[0], slots[0] + B) if contiguous else slot_t
+        kpos = torch.arange(kv_len, device=dev)
+        if tree is None:
+            rope_pos = positions
+            key_pos = kpos[None].expand(B, kv_len)  # [B, L] sequence position of each cache entry
+            visible = kpos[None, None, :] <= positions[:, :, None]  # [B, T, L] causal
+        else:
+            depth, ancestor = _tree_layout(tree.to(dev))  # [B, T], [B, T, T] (ancestor-or-self)
+            rope_pos = start_t[:, None] + depth
+            rel = kpos[None, :] - start_t[:, None]  # [B, L] offset of each cache entry within the new block
+            inside = (rel >= 0) & (rel < T)
+            relc = rel.clamp(0, T - 1)
+            key_pos = torch.where(inside, start_t[:, None] + depth.gather(1, relc), kpos[None])
+            tree_part = ancestor.gather(2, relc[:, None, :].expand(B, T, kv_len))  # [B, T, L]
+            visible = torch.where(inside[:, None, :], tree_part, (rel < 0)[:, None, :])
 
         masks: dict[int | None, torch.Tensor | None] = {}
         for window in set(self.args.sliding_window):
-            if B == 1 and T == 1 and (window is None or kv_len <= window):
+            if tree is None and B == 1 and T == 1 and (window is None or kv_len <= window):
                 masks[window] = None  # one query attending to everything before it: no mask needed
                 continue
-            kpos = torch.arange(kv_len, device=dev)
-            m = kpos[None, None, :] <= positions[:, :, None]  # [B, T, L]
+            m = visible
             if window is not None:
-                m &= kpos[None, None, :] > positions[:, :, None] - window
+                m = m & (key_pos[:, None, :] > rope_pos[:, :, None] - window)
             masks[window] = m[:, None]
-        ropes = {kind: self._rope(kind, positions) for kind in self.args.rope}
+        ropes = {kind: self._rope(kind, rope_pos) for kind in self.args.rope}
 
         x = inputs_embeds if inputs_embeds is not None else self.embed(tokens)
         captured = []
@@ -267,3 +286,18 @@ class Decoder(nn.Module):
             hidden = torch.cat([by_layer[i] for i in hidden_layers], dim=-1)
         return ForwardOutput(logits=self.logits(x), hidden=hidden)
 
+
+
+def _tree_layout(parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """parents [B, T] (each < its own index, -1 for a root) -> (depth [B, T] from 0, ancestor-or-self [B, T, T])."""
+    B, T = parents.shape
+    depth = torch.zeros(B, T, dtype=torch.long, device=parents.device)
+    anc = torch.eye(T, dtype=torch.bool, device=parents.device).repeat(B, 1, 1)
+    rows = torch.arange(B, device=parents.device)
+    for t in range(1, T):
+        p = parents[:, t]
+        has = p >= 0
+        pc = p.clamp(min=0)
+        depth[:, t] = torch.where(has, depth[rows, pc] + 1, 0)
+        anc[:, t] |= anc[rows, pc] & has[:, None]
+    return depth, anc

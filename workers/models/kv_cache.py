@@ -56,6 +56,17 @@ class KVCache:
             raise ValueError(f"cannot roll slot {slot} of length {self.lengths[slot]} back to {length}")
         self.lengths[slot] = length
 
+    def compact(self, slot: int, start: int, offsets: list[int]) -> None:
+        """Move the entries at start + offsets[i] to start + i (every layer): after a token tree was verified,
+        the accepted path becomes a contiguous prefix again. offsets ascend and offsets[i] >= i."""
+        if offsets == list(range(len(offsets))):
+            return  # the path is already where it belongs (a chain, or the first branch)
+        src = torch.tensor(offsets, device=self.k[0].device) + start
+        end = start + len(offsets)
+        for cache in (self.k, self.v):
+            for t in cache:
+                t[slot, :, start:end] = t[slot, :, src]  # the gather copies before the write
+
     def write(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """slots: [B]; positions: [B, T]; k, v: [B, kv_heads, T, head_dim]."""
         idx = slots[:, None]

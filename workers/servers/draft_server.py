@@ -200,7 +200,8 @@ class DraftWorker(pb_grpc.DraftServiceServicer):
                 continue
             requests = [DraftRequest(s.seq_id, ctx, s.k + 1) for s, _, _, ctx in snapshot]
             try:
-                proposals = self.drafter.propose(requests)
+                # a token stream carries chains: a drafter that drafts trees streams its first branch
+                proposals = [p.main_chain() for p in self.drafter.propose(requests)]
             except Exception:
                 log.exception("drafter.propose failed; sending empty blocks")
                 proposals = [None] * len(requests)

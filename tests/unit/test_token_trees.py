@@ -218,3 +218,14 @@ def test_learned_drafters_draft_exact_trees(target, untrained, kind):
         assert any(p.depth() == k and len(p.tokens) > k + 2 for p in trees)
     with pytest.raises(ValueError, match="tree_width"):
         build_drafter(f"{kind}:{untrained[kind]}", target, tree_width=0)
+
+
+def test_the_in_process_server_drafts_trees(tiny_llama, untrained, target):
+    from cluster.local_serve import build_stack
+
+    stack = build_stack(str(tiny_llama), draft=f"dspark:{untrained['dspark']}", k=4, max_batch=2,
+                        max_model_len=MAX_LEN, tree_width=3)
+    stack.async_engine.shutdown()  # drive its engine directly below, with no engine thread beside it
+    assert stack.engine.draft.drafter.tree_width == 3
+    ref = [s.output_ids for s in _engine(target, None).run(_requests(target, 0))]
+    assert [s.output_ids for s in stack.engine.run(_requests(target, 4))] == ref

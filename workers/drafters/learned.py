@@ -39,6 +39,9 @@ DEFAULT_MIN_CONFIDENCE = {"mtp1": 0.0, "eagle": 0.3, "dspark": 0.3}
 # A token tree keeps at most this many nodes, the ones with the highest predicted path survival: verifying 8 to ~16
 # positions costs a CPU target about the same (fixed costs dominate), more than that costs more.
 MAX_TREE_NODES = 12
+# dspark trees: at each depth the nodes of highest path survival (at most this many, and above the floor) grow
+# children; the rest stay leaves.
+TREE_BEAM, TREE_FLOOR = 4, 0.02
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------------------
@@ -118,9 +121,10 @@ class LearnedDrafter(Drafter):
         self.min_confidence = DEFAULT_MIN_CONFIDENCE[self.kind] if min_confidence is None else min_confidence
         if not 0 <= self.min_confidence <= 1:
             raise ValueError(f"min_confidence must be in [0, 1], got {self.min_confidence}")
-        # Greedy drafts become token trees with this many first tokens (the best guesses for the position right
-        # after the committed text, where a chain is rejected most often); 1 keeps chains. eagle and mtp1 add the
-        # runners-up as one-token branches; dspark continues each with its Markov head over the same block pass.
+        # Greedy drafts become token trees, verified in one tree-masked target forward; 1 keeps chains. eagle and
+        # mtp1 add the runners-up for the first position as one-token branches (tree_width first tokens in all);
+        # dspark gives each of its most promising nodes tree_width children (`_draft_block_tree`). Either way
+        # the tree keeps the MAX_TREE_NODES nodes of highest predicted path survival.
         if not 1 <= tree_width <= 8:
             raise ValueError(f"tree_width must be in [1, 8], got {tree_width}")
         self.tree_width = tree_width
@@ -168,7 +172,11 @@ class LearnedDrafter(Drafter):
         contexts = [requests[i].token_ids for i in rows]
         if self.kind == "dspark":
             total = [len(f) + n for f, n in zip(forced, want)]
-            drafted = self._draft_block(states, forced, total, self._block_outputs(contexts, states, anchors, total))
+            o_all = self._block_outputs(contexts, states, anchors, total)
+            if self.tree_width > 1 and all(st.params.greedy for st in states) and not any(forced):
+                drafted = self._draft_block_tree(total, o_all)
+            else:
+                drafted = self._draft_block(states, forced, total, o_all)
         else:
             self._update_context(contexts, states, anchors)
             drafted = self._draft_chain(states, forced, want)
@@ -310,42 +318,28 @@ class LearnedDrafter(Drafter):
         return out
 
     def _draft_block(self, states, forced, total, o_all) -> list[DraftProposal]:
-        """dspark: the Markov head position by position over the block's parallel outputs o_all [R, K, d].
-
-        With tree_width > 1 a greedy row drafts that many branches: branch b starts with the b-th best token of
-        the parallel guess for the first position and continues with the Markov head from there. The branches
-        share the block pass (its outputs do not depend on the drafted tokens), so a branch costs only the Markov
-        head's re-ranking, and the target verifies them all in one tree-masked forward."""
+        """dspark: the Markov head position by position over the block's parallel outputs o_all [R, K, d]."""
         head = self.head
         R = len(states)
         K = max(total)
+        total = list(total)
         greedy = all(st.params.greedy for st in states)
-        width = [self.tree_width if greedy and not forced[j] and total[j] > 0 else 1 for j in range(R)]
-        row = [j for j in range(R) for _ in range(width[j])]  # virtual rows: (real row, branch)
-        branch = [b for j in range(R) for b in range(width[j])]
-        V = len(row)
-        total = [total[j] for j in row]
-        tokens: list[list[int]] = [[] for _ in range(V)]
-        probs: list[list[torch.Tensor]] = [[] for _ in range(V)]
-        conf: list[list[float]] = [[] for _ in range(V)]
-        survive = [1.0] * V  # the confidence head's estimate that every token so far is accepted
-        prev = [None] * V
+        tokens: list[list[int]] = [[] for _ in range(R)]
+        probs: list[list[torch.Tensor]] = [[] for _ in range(R)]
+        conf: list[list[float]] = [[] for _ in range(R)]
+        survive = [1.0] * R  # the confidence head's estimate that every token so far is accepted
+        prev = [None] * R
         for i in range(K):
-            active = [v for v in range(V) if i < total[v]]
+            active = [j for j in range(R) if i < total[j]]
             if not active:
                 break
-            real = sorted({row[v] for v in active})
-            at = {j: r for r, j in enumerate(real)}
-            pick_real = torch.tensor([at[row[v]] for v in active], device=o_all.device)
-            base_real = head.logits(o_all[real, i])  # [n_real, Vd] the parallel guess at position i
-            base = base_real[pick_real]
-            z = o_all[[row[v] for v in active], i]
+            z = o_all[active, i]
+            base = head.logits(z)  # [n, Vd] the parallel guess at position i
             if i > 0:
-                p = torch.tensor([prev[v] for v in active], device=z.device)
+                p = torch.tensor([prev[j] for j in active], device=z.device)
                 z = head.markov(z, p)
-            sm = base.softmax(-1)
-            c = head.confidence_of(z, sm.amax(-1)).tolist()
-            drafted = [r for r, v in enumerate(active) if i >= len(forced[row[v]])]
+            c = head.confidence_of(z, base.softmax(-1).amax(-1)).tolist()
+            drafted = [r for r, j in enumerate(active) if i >= len(forced[j])]
             picks: list[int] = []
             if drafted:
                 if greedy and i > 0:  # re-rank the parallel guess's best candidates with the Markov state
@@ -353,42 +347,74 @@ class LearnedDrafter(Drafter):
                     h = head.norm(z[drafted])
                     scores = torch.einsum("nd,ncd->nc", h, head._lm[cand].to(h.dtype))
                     picks = head.draft_vocab[cand.gather(1, scores.argmax(-1, keepdim=True))[:, 0]].tolist()
-                elif greedy:  # branch b takes the b-th best guess; a runner-up's own probability is its estimate
-                    p_top, i_top = sm[drafted].topk(min(max(width), sm.shape[-1]), -1)
-                    ranks = torch.tensor([branch[active[r]] for r in drafted], device=i_top.device)[:, None]
-                    picks = head.draft_vocab[i_top.gather(1, ranks)[:, 0]].tolist()
-                    for n, r in enumerate(drafted):
-                        if branch[active[r]]:
-                            c[r] = float(p_top[n, branch[active[r]]])
+                elif greedy:
+                    picks = head.draft_vocab[base[drafted].argmax(-1)].tolist()
                 else:
                     lg = head.logits(z[drafted])
-                    picks = self._pick([states[row[active[r]]] for r in drafted], lg,
-                                       [probs[active[r]] for r in drafted])
+                    picks = self._pick([states[active[r]] for r in drafted], lg, [probs[active[r]] for r in drafted])
             it = iter(picks)
-            for r, v in enumerate(active):
-                if i < len(forced[row[v]]):
-                    prev[v] = forced[row[v]][i]
+            for r, j in enumerate(active):
+                if i < len(forced[j]):
+                    prev[j] = forced[j][i]
                     continue
-                prev[v] = next(it)
-                tokens[v].append(prev[v])
-                conf[v].append(c[r])
-                if not (i == 0 and branch[v]):  # a branch's survival counts from after its own first token
-                    survive[v] *= c[r]
-                if survive[v] < self.min_confidence:  # the block ends after the token where survival falls
-                    total[v] = i + 1  # below the bar: later positions are neither scored nor verified
-        out = []
-        for v in range(V):
-            if branch[v] == 0:
-                out.append(DraftProposal(tokens[v], torch.stack(probs[v]) if probs[v] else None, conf[v]))
-                continue
-            p = out[-1]  # the real row's proposal so far: its first branch, then earlier branches
-            if p.parents is None:
-                p.parents = list(range(-1, len(p.tokens) - 1))
-            first = len(p.tokens)
-            p.parents += [-1] + list(range(first, first + len(tokens[v]) - 1))
-            p.tokens += tokens[v]
-            p.confidence += conf[v]
-        return out
+                prev[j] = next(it)
+                tokens[j].append(prev[j])
+                conf[j].append(c[r])
+                survive[j] *= c[r]
+                if survive[j] < self.min_confidence:  # the block ends after the token where survival falls
+                    total[j] = i + 1  # below the bar: later positions are neither scored nor verified
+        return [DraftProposal(tokens[j], torch.stack(probs[j]) if probs[j] else None, conf[j]) for j in range(R)]
+
+    def _draft_block_tree(self, total, o_all) -> list[DraftProposal]:
+        """dspark, greedy, tree_width > 1: a token tree over the block's parallel outputs o_all [R, K, d].
+
+        Depth by depth, the best nodes so far (TREE_BEAM per row, path survival above TREE_FLOOR) each get
+        tree_width children: the Markov head's best re-ranked candidates given the node's token. A first child's
+        acceptance estimate is the confidence head's; a runner-up's is its own re-ranked probability. The
+        block pass is shared by every node (its outputs do not depend on drafted tokens), so a node costs only the
+        Markov head and its re-ranking; `best_nodes` then keeps the MAX_TREE_NODES most likely to be accepted."""
+        head = self.head
+        R, w = len(total), self.tree_width
+        tokens: list[list[int]] = [[] for _ in range(R)]
+        parents: list[list[int]] = [[] for _ in range(R)]
+        conf: list[list[float]] = [[] for _ in range(R)]
+        score: list[list[float]] = [[] for _ in range(R)]
+        frontier: list[list[int]] = [[-1] for _ in range(R)]  # nodes to grow children next; -1: the anchor
+        for i in range(max(total)):
+            items = [(j, n) for j in range(R) if i < total[j] for n in frontier[j]]
+            if not items:
+                break
+            rows = [j for j, _ in items]
+            base = head.logits(o_all[rows, i])  # [n, Vd] the parallel guess at position i, per node
+            sm = base.softmax(-1)
+            z = o_all[rows, i]
+            if i > 0:
+                z = head.markov(z, torch.tensor([tokens[j][n] for j, n in items], device=z.device))
+            c = head.confidence_of(z, sm.amax(-1)).tolist()
+            if i == 0:
+                p_top, i_top = sm.topk(w, -1)
+                picks = head.draft_vocab[i_top]  # [n, w]
+            else:  # re-rank the parallel guess's best candidates with each node's Markov state
+                cand = base.topk(min(CANDIDATES, base.shape[-1]), -1).indices  # [n, C]
+                h = head.norm(z)
+                q = torch.einsum("nd,ncd->nc", h, head._lm[cand].to(h.dtype)).float().softmax(-1)
+                p_top, i_top = q.topk(min(w, q.shape[-1]), -1)
+                picks = head.draft_vocab[cand.gather(1, i_top)]
+            picks, p_top = picks.tolist(), p_top.tolist()
+            grown: list[list[int]] = [[] for _ in range(R)]
+            for r, (j, n) in enumerate(items):
+                above = 1.0 if n < 0 else score[j][n]
+                for b, tok in enumerate(picks[r]):
+                    est = c[r] if b == 0 else p_top[r][b]
+                    tokens[j].append(tok)
+                    parents[j].append(n)
+                    conf[j].append(est)
+                    score[j].append(above * est)
+                    grown[j].append(len(tokens[j]) - 1)
+            for j in range(R):
+                best = sorted(grown[j], key=lambda x: -score[j][x])[:TREE_BEAM]
+                frontier[j] = [x for x in best if score[j][x] >= TREE_FLOOR]
+        return [DraftProposal(tokens[j], None, conf[j], parents[j]) for j in range(R)]
 
     def _pick(self, states: list[_State], logits: torch.Tensor, probs_out: list[list[torch.Tensor]]) -> list[int]:
         """logits: [n, Vd] over the draft vocabulary -> one target token id per row. Sampled rows draw from the

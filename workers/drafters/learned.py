@@ -39,9 +39,9 @@ DEFAULT_MIN_CONFIDENCE = {"mtp1": 0.0, "eagle": 0.3, "dspark": 0.3}
 # A token tree keeps at most this many nodes, the ones with the highest predicted path survival: verifying 8 to ~16
 # positions costs a CPU target about the same (fixed costs dominate), more than that costs more.
 MAX_TREE_NODES = 12
-# dspark trees: at each depth the nodes of highest path survival (at most this many, and above the floor) grow
-# children; the rest stay leaves.
-TREE_BEAM, TREE_FLOOR = 4, 0.02
+# dspark trees: at each depth the nodes of highest path survival (at most this many, and at or above the survival
+# bar, as a chain continues while its survival is) grow children; the rest stay leaves.
+TREE_BEAM = 4
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------------------
@@ -368,7 +368,7 @@ class LearnedDrafter(Drafter):
     def _draft_block_tree(self, total, o_all) -> list[DraftProposal]:
         """dspark, greedy, tree_width > 1: a token tree over the block's parallel outputs o_all [R, K, d].
 
-        Depth by depth, the best nodes so far (TREE_BEAM per row, path survival above TREE_FLOOR) each get
+        Depth by depth, the best nodes so far (TREE_BEAM per row, path survival >= min_confidence) each get
         tree_width children: the Markov head's best re-ranked candidates given the node's token. A first child's
         acceptance estimate is the confidence head's; a runner-up's is its own re-ranked probability. The
         block pass is shared by every node (its outputs do not depend on drafted tokens), so a node costs only the
@@ -385,21 +385,28 @@ class LearnedDrafter(Drafter):
             if not items:
                 break
             rows = [j for j, _ in items]
-            base = head.logits(o_all[rows, i])  # [n, Vd] the parallel guess at position i, per node
-            sm = base.softmax(-1)
+            real = sorted(set(rows))
+            of = torch.tensor([real.index(j) for j in rows], device=o_all.device)  # node -> its row in `real`
+            base = head.logits(o_all[real, i])  # [n_real, Vd] the parallel guess at position i: one per row
+            top_prob = base.softmax(-1).amax(-1)[of]
             z = o_all[rows, i]
             if i > 0:
                 z = head.markov(z, torch.tensor([tokens[j][n] for j, n in items], device=z.device))
-            c = head.confidence_of(z, sm.amax(-1)).tolist()
+            c = head.confidence_of(z, top_prob).tolist()
             if i == 0:
-                p_top, i_top = sm.topk(w, -1)
-                picks = head.draft_vocab[i_top]  # [n, w]
+                p_top, i_top = base.softmax(-1).topk(w, -1)
+                picks, p_top = head.draft_vocab[i_top][of], p_top[of]  # [n, w]
             else:  # re-rank the parallel guess's best candidates with each node's Markov state
-                cand = base.topk(min(CANDIDATES, base.shape[-1]), -1).indices  # [n, C]
+                cand = base.topk(min(CANDIDATES, base.shape[-1]), -1).indices  # [n_real, C]
+                lm = head._lm[cand]  # [n_real, C, d]
                 h = head.norm(z)
-                q = torch.einsum("nd,ncd->nc", h, head._lm[cand].to(h.dtype)).float().softmax(-1)
+                q = torch.empty(len(items), cand.shape[1], dtype=h.dtype, device=h.device)
+                for u in range(len(real)):  # one matmul per row: its nodes against its candidates
+                    at = (of == u).nonzero()[:, 0]
+                    q[at] = h[at] @ lm[u].to(h.dtype).T
+                q = q.float().softmax(-1)
                 p_top, i_top = q.topk(min(w, q.shape[-1]), -1)
-                picks = head.draft_vocab[cand.gather(1, i_top)]
+                picks = head.draft_vocab[cand[of].gather(1, i_top)]
             picks, p_top = picks.tolist(), p_top.tolist()
             grown: list[list[int]] = [[] for _ in range(R)]
             for r, (j, n) in enumerate(items):
@@ -413,7 +420,7 @@ class LearnedDrafter(Drafter):
                     grown[j].append(len(tokens[j]) - 1)
             for j in range(R):
                 best = sorted(grown[j], key=lambda x: -score[j][x])[:TREE_BEAM]
-                frontier[j] = [x for x in best if score[j][x] >= TREE_FLOOR]
+                frontier[j] = [x for x in best if score[j][x] >= self.min_confidence]
         return [DraftProposal(tokens[j], None, conf[j], parents[j]) for j in range(R)]
 
     def _pick(self, states: list[_State], logits: torch.Tensor, probs_out: list[list[torch.Tensor]]) -> list[int]:

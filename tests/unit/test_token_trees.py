@@ -58,6 +58,12 @@ def test_within_and_main_chain_keep_a_valid_tree():
     chain = DraftProposal([1, 2, 3, 4])
     assert not chain.is_tree and chain.depth() == 4 and chain.within(2, 16).tokens == [1, 2]
     assert not DraftProposal([1, 2], parents=[-1, 0]).is_tree  # parents that spell a chain are a chain
+    probs = torch.rand(2, 5)
+    as_chain = DraftProposal([1, 2], probs, None, [-1, 0]).within(7, 16)
+    assert as_chain.parents is None and torch.equal(as_chain.probs, probs)  # a chain keeps its distributions
+    for bad in ([-1, 1], [-1], [-1, -2], [0, 0]):  # a parent that is not an earlier node, or a wrong length
+        assert DraftProposal([1, 2], parents=bad).within(7, 16).tokens == []
+    assert DraftProposal([1, 2], probs, None, [-1, -1]).within(7, 16).tokens == []  # trees are greedy only
 
 
 # ------------------------------------------------------------------------------------- the tree-masked forward

@@ -56,10 +56,16 @@ class DraftProposal:
 
     def within(self, max_depth: int, max_nodes: int) -> DraftProposal:
         """This proposal cut to at most max_depth tokens deep and max_nodes tokens in all (a chain is cut to
-        min of both; a tree keeps its first nodes that are shallow enough, which is again a tree)."""
-        if self.parents is None:
+        min of both; a tree keeps its first nodes that are shallow enough, which is again a tree). The engine
+        calls it on every proposal: malformed parents (a wrong length, a parent that is not an earlier node) or a
+        tree with draft distributions give an empty proposal, i.e. a plain target step, never a wrong mask."""
+        if self.parents is not None and (
+                len(self.parents) != len(self.tokens) or any(not -1 <= p < i for i, p in enumerate(self.parents))
+                or (self.probs is not None and self.is_tree)):
+            return DraftProposal()  # not a tree (or one with draft distributions, which only chains may carry)
+        if not self.is_tree:
             n = min(max_depth, max_nodes)
-            if len(self.tokens) <= n:
+            if len(self.tokens) <= n and self.parents is None:
                 return self
             return DraftProposal(self.tokens[:n], None if self.probs is None else self.probs[:n],
                                  None if self.confidence is None else self.confidence[:n])

@@ -9,33 +9,24 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.unit import test_learned_drafters as learned
+from tests.unit.test_learned_drafters import MAX_LEN, PROMPTS, target  # noqa: F401 (target: the shared fixture)
 from workers.drafters.base import DraftProposal, DraftRequest, Drafter
 from workers.drafters.registry import build_drafter
 from workers.engine.draft_client import InProcessDraftClient
 from workers.engine.engine import SpecEngine
-from workers.engine.sequence import Request
 from workers.models.loader import load_model
 from workers.params import SamplingParams
-
-PROMPTS = ["The quick brown fox", "def add(a, b):", "Hello world", "1 + 1 = 2", "Once upon a time", "x = [1, 2,"]
-MAX_LEN = 256
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 
-@pytest.fixture(scope="module")
-def target(tiny_llama):
-    return load_model(str(tiny_llama), "fp32")
+def _engine(target, drafter):  # three slots for six prompts: sequences join and leave between steps
+    return learned._engine(target, drafter, max_batch=3)
 
 
-def _engine(target, drafter, max_batch=3):
-    return SpecEngine(target, InProcessDraftClient(drafter) if drafter else None, max_batch=max_batch,
-                      max_model_len=MAX_LEN)
-
-
-def _requests(target, k, max_tokens=30, **kw):
-    return [Request(f"r{i}", target.tokenizer.encode(p), max_tokens=max_tokens, num_draft_tokens=k,
-                    ignore_eos=True, **kw) for i, p in enumerate(PROMPTS)]
+def _requests(target, k, **kw):
+    return learned._requests([target.tokenizer.encode(p) for p in PROMPTS], k, **kw)
 
 
 # ------------------------------------------------------------------------------------------- the proposal type

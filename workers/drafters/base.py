@@ -49,10 +49,20 @@ class DraftProposal:
         """Tokens on the longest root-to-leaf path: what verifying this proposal can commit at most, minus one."""
         if self.parents is None:
             return len(self.tokens)
+        return max(self._depths(), default=0)
+
+    def _depths(self) -> list[int]:  # per node: tokens from the root down to it
         d: list[int] = []
         for p in self.parents:
             d.append(1 if p < 0 else d[p] + 1)
-        return max(d, default=0)
+        return d
+
+    def _subtree(self, keep: list[int]) -> DraftProposal:
+        """The nodes at these ascending indices, parents re-pointed (every kept node's parent is kept)."""
+        new = {old: j for j, old in enumerate(keep)}
+        return DraftProposal([self.tokens[i] for i in keep], None,
+                             None if self.confidence is None else [self.confidence[i] for i in keep],
+                             [-1 if self.parents[i] < 0 else new[self.parents[i]] for i in keep])
 
     def within(self, max_depth: int, max_nodes: int) -> DraftProposal:
         """This proposal cut to at most max_depth tokens deep and max_nodes tokens in all (a chain is cut to
@@ -69,18 +79,11 @@ class DraftProposal:
                 return self
             return DraftProposal(self.tokens[:n], None if self.probs is None else self.probs[:n],
                                  None if self.confidence is None else self.confidence[:n])
-        d: list[int] = []
-        keep: dict[int, int] = {}  # old index -> new index
-        for i, p in enumerate(self.parents):
-            d.append(1 if p < 0 else d[p] + 1)
-            if d[i] <= max_depth and len(keep) < max_nodes and (p < 0 or p in keep):
-                keep[i] = len(keep)
-        if len(keep) == len(self.tokens):
-            return self
-        idx = list(keep)
-        return DraftProposal([self.tokens[i] for i in idx], None,
-                             None if self.confidence is None else [self.confidence[i] for i in idx],
-                             [-1 if self.parents[i] < 0 else keep[self.parents[i]] for i in idx])
+        keep: list[int] = []
+        for i, (p, d) in enumerate(zip(self.parents, self._depths())):
+            if d <= max_depth and len(keep) < max_nodes and (p < 0 or p in keep):
+                keep.append(i)
+        return self if len(keep) == len(self.tokens) else self._subtree(keep)
 
     def best_nodes(self, n: int) -> DraftProposal:
         """A tree cut to its n most promising nodes: those whose path survival, the product of `confidence` from
@@ -91,10 +94,7 @@ class DraftProposal:
         score: list[float] = []
         for i, p in enumerate(self.parents):
             score.append(self.confidence[i] * (1.0 if p < 0 else score[p]))
-        keep = sorted(sorted(range(len(score)), key=lambda i: (-score[i], i))[:n])
-        new = {old: j for j, old in enumerate(keep)}
-        return DraftProposal([self.tokens[i] for i in keep], None, [self.confidence[i] for i in keep],
-                             [-1 if self.parents[i] < 0 else new[self.parents[i]] for i in keep])
+        return self._subtree(sorted(sorted(range(len(score)), key=lambda i: (-score[i], i))[:n]))
 
     def main_chain(self) -> DraftProposal:
         """A tree's first branch (each node's first child, from the root) as a chain, for paths that verify

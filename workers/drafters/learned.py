@@ -128,7 +128,6 @@ class LearnedDrafter(Drafter):
         if not 1 <= tree_width <= 8:
             raise ValueError(f"tree_width must be in [1, 8], got {tree_width}")
         self.tree_width = tree_width
-        self.max_tree_nodes = MAX_TREE_NODES
         self.cache = head.new_cache(max_batch, max_model_len + self.max_draft_tokens + 2)
         self.states: dict[str, _State] = {}
         self.dtype = head.in_proj.weight.dtype
@@ -182,7 +181,7 @@ class LearnedDrafter(Drafter):
             drafted = self._draft_chain(states, forced, want)
         for j, i in enumerate(rows):
             self.cache.rollback(states[j].slot, anchors[j] + 1)
-            out[i] = drafted[j].best_nodes(self.max_tree_nodes)
+            out[i] = drafted[j].best_nodes(MAX_TREE_NODES)
         return out
 
     # --- steps -----------------------------------------------------------------------------------------------------
@@ -388,13 +387,14 @@ class LearnedDrafter(Drafter):
             real = sorted(set(rows))
             of = torch.tensor([real.index(j) for j in rows], device=o_all.device)  # node -> its row in `real`
             base = head.logits(o_all[real, i])  # [n_real, Vd] the parallel guess at position i: one per row
-            top_prob = base.softmax(-1).amax(-1)[of]
+            sm = base.softmax(-1)
+            top_prob = sm.amax(-1)[of]
             z = o_all[rows, i]
             if i > 0:
                 z = head.markov(z, torch.tensor([tokens[j][n] for j, n in items], device=z.device))
             c = head.confidence_of(z, top_prob).tolist()
             if i == 0:
-                p_top, i_top = base.softmax(-1).topk(w, -1)
+                p_top, i_top = sm.topk(w, -1)
                 picks, p_top = head.draft_vocab[i_top][of], p_top[of]  # [n, w]
             else:  # re-rank the parallel guess's best candidates with each node's Markov state
                 cand = base.topk(min(CANDIDATES, base.shape[-1]), -1).indices  # [n_real, C]

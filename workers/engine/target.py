@@ -112,9 +112,8 @@ class TargetRunner:
             for i, p in enumerate(proposals):
                 if is_tree[i]:
                     tree[i, 1 : nd[i] + 1] = torch.tensor(p.parents) + 1  # row position 0 is the pending token
-        extra = {} if tree is None else {"tree": tree}
         out = self.forward(tokens, self.cache, slots, num_new=[n + 1 for n in nd], hidden_layers=feature_layers,
-                           **extra)
+                           tree=tree)
         temperature, top_k, top_p = self._params(seqs)
         draft_probs = self._draft_probs(proposals, temperature, K) if K else None
         result = verify_block(tokens[:, 1:], torch.tensor(nd), out.logits, draft_probs, temperature, top_k, top_p,

@@ -241,27 +241,18 @@ class Decoder(nn.Module):
         slot_t = torch.tensor(slots, device=dev)
         contiguous = slots == list(range(slots[0], slots[0] + B))
         read_slots = slice(slots[0], slots[0] + B) if contiguous else slot_t
-        kpos = torch.arange(kv_len, device=dev)
-        if tree is None:
-            rope_pos = positions
-            key_pos = kpos[None].expand(B, kv_len)  # [B, L] sequence position of each cache entry
-            visible = kpos[None, None, :] <= positions[:, :, None]  # [B, T, L] causal
-        else:
-            depth, ancestor = _tree_layout(tree.to(dev))  # [B, T], [B, T, T] (ancestor-or-self)
-            rope_pos = start_t[:, None] + depth
-            rel = kpos[None, :] - start_t[:, None]  # [B, L] offset of each cache entry within the new block
-            inside = (rel >= 0) & (rel < T)
-            relc = rel.clamp(0, T - 1)
-            key_pos = torch.where(inside, start_t[:, None] + depth.gather(1, relc), kpos[None])
-            tree_part = ancestor.gather(2, relc[:, None, :].expand(B, T, kv_len))  # [B, T, L]
-            visible = torch.where(inside[:, None, :], tree_part, (rel < 0)[:, None, :])
+        layout = None if tree is None else _tree_layout(tree.to(dev))  # depth [B, T], ancestor-or-self [B, T, T]
+        rope_pos = positions if layout is None else start_t[:, None] + layout[0]
 
         masks: dict[int | None, torch.Tensor | None] = {}
+        visibility = None
         for window in set(self.args.sliding_window):
             if tree is None and B == 1 and T == 1 and (window is None or kv_len <= window):
                 masks[window] = None  # one query attending to everything before it: no mask needed
                 continue
-            m = visible
+            if visibility is None:
+                visibility = _visibility(kv_len, start_t, positions, layout)
+            m, key_pos = visibility
             if window is not None:
                 m = m & (key_pos[:, None, :] > rope_pos[:, :, None] - window)
             masks[window] = m[:, None]
@@ -286,6 +277,23 @@ class Decoder(nn.Module):
             hidden = torch.cat([by_layer[i] for i in hidden_layers], dim=-1)
         return ForwardOutput(logits=self.logits(x), hidden=hidden)
 
+
+
+def _visibility(kv_len: int, start_t: torch.Tensor, positions: torch.Tensor,
+                layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """(which cache entries each new position attends to [B, T, L], the sequence position of each entry [B, L]).
+    Without a tree layout: causal. With one: the prefix before each row's start, then the node's ancestors."""
+    B, T = positions.shape
+    kpos = torch.arange(kv_len, device=positions.device)
+    if layout is None:
+        return kpos[None, None, :] <= positions[:, :, None], kpos[None].expand(B, kv_len)
+    depth, ancestor = layout
+    rel = kpos[None, :] - start_t[:, None]  # [B, L] offset of each cache entry within the new block
+    inside = (rel >= 0) & (rel < T)
+    relc = rel.clamp(0, T - 1)
+    key_pos = torch.where(inside, start_t[:, None] + depth.gather(1, relc), kpos[None])
+    tree_part = ancestor.gather(2, relc[:, None, :].expand(B, T, kv_len))  # [B, T, L]
+    return torch.where(inside[:, None, :], tree_part, (rel < 0)[:, None, :]), key_pos
 
 
 def _tree_layout(parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

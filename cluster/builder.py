@@ -35,15 +35,8 @@ def _options(name: str, pool: PoolScaling, ranks: int = 1) -> dict[str, Any]:
     return opts
 
 
-TREES_IN_PROCESS_ONLY = ("draft.tree_width > 1 needs in-process serving (specray serve --in-process): the draft "
-                         "pool streams its drafts to the target as chains; token trees are verified in the "
-                         "engine's own process")
-
-
 def build_app(args: dict[str, Any] | SpecrayConfig) -> serve.Application:
     cfg = args if isinstance(args, SpecrayConfig) else SpecrayConfig.model_validate(args or {})
-    if cfg.draft.tree_width > 1:
-        raise ValueError(TREES_IN_PROCESS_ONLY)
     config = cfg.model_dump()
     draft = serve.deployment(DraftPool).options(**_options(f"{cfg.name}-draft", cfg.draft)).bind(config)
     target = serve.deployment(TargetPool).options(

@@ -106,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     pl = bsub.add_parser("pipeline", help="the draft/target pipeline alone, batch 1: in-process vs a gRPC draft "
                                           "worker in its own process, without and with run-ahead (no Ray, no HTTP)")
     _add_setup_comparison_args(pl, draft="eagle", k=7)
+    pl.add_argument("--tree-width", type=int, default=1,
+                    help="also compare the drafter drafting trees this wide (in-process: verified as trees; the "
+                         "draft worker: blocks prepared for their branches)")
+    pl.add_argument("--hypotheses", type=int, default=6,
+                    help="blocks the draft worker prepares per block for the verdicts it expects")
     pl.add_argument("--max-tokens", type=int, default=64)
     pl.add_argument("--no-chat", action="store_true")
     pl.add_argument("--json", dest="json_out", required=True)
@@ -125,8 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--min-confidence", type=float, default=None,
                    help="eagle, dspark: end a draft where its predicted survival falls below this (0: full blocks)")
     s.add_argument("--tree-width", type=int, default=None,
-                   help="mtp1, eagle, dspark with --in-process: draft greedy token trees with this many first "
-                        "tokens (default 1: chains)")
+                   help="mtp1, eagle, dspark: draft greedy token trees this wide (default 1: chains); with "
+                        "--in-process the target verifies the trees, otherwise the draft pool prepares blocks for "
+                        "their branches while the target verifies the first")
     s.add_argument("--tp", type=int, default=None, help="tensor-parallel ranks per target replica")
     s.add_argument("--target-replicas", type=int, default=None)
     s.add_argument("--draft-replicas", type=int, default=None)
@@ -253,7 +259,8 @@ def cmd_bench_pipeline(args) -> int:
     from bench.prompts import load_prompts
 
     result = run_pipeline(args.target, args.draft, load_prompts(args.prompts)[: args.limit], args.k, args.max_tokens,
-                          dtype=args.dtype, threads=args.threads, chat=not args.no_chat)
+                          dtype=args.dtype, threads=args.threads, chat=not args.no_chat, tree_width=args.tree_width,
+                          hypotheses=args.hypotheses)
     return _emit(result, args.json_out)
 
 
@@ -302,10 +309,6 @@ def cmd_serve(args) -> int:
     if cfg.tls and args.in_process:
         raise ValueError("TLS secures the gRPC hops between Ray workers; --in-process has none (use --tls-dir "
                          "without --in-process)")
-    if cfg.draft.tree_width > 1 and not args.in_process:
-        from cluster.builder import TREES_IN_PROCESS_ONLY
-
-        raise ValueError(TREES_IN_PROCESS_ONLY)
     cfg.grpc_tls()  # a missing or malformed file is a clear error here, not in a replica's log
     if args.in_process:
         from cluster.local_serve import serve_in_process

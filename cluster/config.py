@@ -66,9 +66,12 @@ class DraftPoolConfig(PoolScaling):
     min_confidence: float | None = Field(
         None, ge=0, le=1, description="eagle, dspark: end a draft after the token where its predicted survival "
                                       "falls below this (0 = full blocks; default: the drafter's own)")
-    tree_width: int = Field(1, ge=1, le=8, description="mtp1, eagle, dspark: draft greedy token trees with this "
-                            "many first tokens, verified in one tree-masked forward (1 = chains). In-process "
-                            "serving only: the draft pool streams chains")
+    tree_width: int = Field(1, ge=1, le=8, description="mtp1, eagle, dspark: draft greedy token trees this wide "
+                            "(1 = chains). In process the target verifies the tree in one tree-masked forward; "
+                            "the draft pool streams the tree's first branch and prepares blocks for the others")
+    max_hypotheses: int = Field(6, ge=0, le=64, description="blocks a draft replica prepares, while the target "
+                                "verifies a block, for the verdicts that block is likely to get (0 = only run ahead "
+                                "on the whole block accepted; needs ahead_blocks > 1)")
     num_cpus: float = Field(0.5, gt=0)
     resources: dict[str, float] = Field(default_factory=lambda: {"draft": 0.001})
 

@@ -58,13 +58,14 @@ class DraftPool:
         # worker and decode without drafts), model-free drafters hold no per-sequence memory worth capping
         max_sequences = d.max_sequences if kind in ("ngram",) else min(d.max_sequences, d.max_model_sequences)
         drafter = build_drafter(d.drafter, target, dtype=d.dtype, max_batch=max_sequences,
-                                max_model_len=cfg.target.max_model_len, min_confidence=d.min_confidence)
+                                max_model_len=cfg.target.max_model_len, min_confidence=d.min_confidence,
+                                tree_width=d.tree_width)
         if drafter is None:
             raise ValueError("the draft pool needs a drafter (draft.drafter: none makes no sense here)")
         bind, advertise = _hosts(cfg)
         self.server, self.worker, port = serve_draft(drafter, d.drafter, host=bind, port=0,
                                                      max_sequences=max_sequences, ahead_blocks=d.ahead_blocks,
-                                                     tls=tls)
+                                                     tls=tls, max_hypotheses=d.max_hypotheses)
         self.address = f"{advertise}:{port}"
         self.registration = Registration(cfg.name, "draft", _replica_id("draft"), self.address)
         self.drain_timeout_s = d.drain_timeout_s

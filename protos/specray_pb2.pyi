@@ -93,20 +93,22 @@ class TargetMessage(_message.Message):
     def __init__(self, start: _Optional[_Union[StartSequence, _Mapping]] = ..., verdict: _Optional[_Union[Verdict, _Mapping]] = ..., finish: _Optional[_Union[FinishSequence, _Mapping]] = ...) -> None: ...
 
 class DraftBlock(_message.Message):
-    __slots__ = ("seq_id", "epoch", "start", "tokens", "probs", "drafted_at")
+    __slots__ = ("seq_id", "epoch", "start", "tokens", "probs", "drafted_at", "prepared")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     PROBS_FIELD_NUMBER: _ClassVar[int]
     DRAFTED_AT_FIELD_NUMBER: _ClassVar[int]
+    PREPARED_FIELD_NUMBER: _ClassVar[int]
     seq_id: str
     epoch: int
     start: int
     tokens: _containers.RepeatedScalarFieldContainer[int]
     probs: Tensor
     drafted_at: float
-    def __init__(self, seq_id: _Optional[str] = ..., epoch: _Optional[int] = ..., start: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., probs: _Optional[_Union[Tensor, _Mapping]] = ..., drafted_at: _Optional[float] = ...) -> None: ...
+    prepared: bool
+    def __init__(self, seq_id: _Optional[str] = ..., epoch: _Optional[int] = ..., start: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., probs: _Optional[_Union[Tensor, _Mapping]] = ..., drafted_at: _Optional[float] = ..., prepared: _Optional[bool] = ...) -> None: ...
 
 class DraftError(_message.Message):
     __slots__ = ("seq_id", "message")
@@ -129,16 +131,22 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DraftInfo(_message.Message):
-    __slots__ = ("drafter", "feature_layers", "max_sequences", "active_sequences")
+    __slots__ = ("drafter", "feature_layers", "max_sequences", "active_sequences", "blocks_sent", "hypotheses_drafted", "prepared_hits")
     DRAFTER_FIELD_NUMBER: _ClassVar[int]
     FEATURE_LAYERS_FIELD_NUMBER: _ClassVar[int]
     MAX_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_SENT_FIELD_NUMBER: _ClassVar[int]
+    HYPOTHESES_DRAFTED_FIELD_NUMBER: _ClassVar[int]
+    PREPARED_HITS_FIELD_NUMBER: _ClassVar[int]
     drafter: str
     feature_layers: _containers.RepeatedScalarFieldContainer[int]
     max_sequences: int
     active_sequences: int
-    def __init__(self, drafter: _Optional[str] = ..., feature_layers: _Optional[_Iterable[int]] = ..., max_sequences: _Optional[int] = ..., active_sequences: _Optional[int] = ...) -> None: ...
+    blocks_sent: int
+    hypotheses_drafted: int
+    prepared_hits: int
+    def __init__(self, drafter: _Optional[str] = ..., feature_layers: _Optional[_Iterable[int]] = ..., max_sequences: _Optional[int] = ..., active_sequences: _Optional[int] = ..., blocks_sent: _Optional[int] = ..., hypotheses_drafted: _Optional[int] = ..., prepared_hits: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("seq_id", "prompt_ids", "max_tokens", "params", "num_draft_tokens", "stop", "ignore_eos", "draft_address")

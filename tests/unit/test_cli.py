@@ -87,7 +87,8 @@ def test_serve_flags_override_the_config_file(tmp_path, capsys):
     assert main(base + ["--max-queued", "-1"]) == 2  # a clear error, before anything starts
     assert "max_queued" in capsys.readouterr().err
     assert serve_config(build_parser().parse_args(base + ["--tree-width", "3"])).draft.tree_width == 3
-    assert main(base + ["--tree-width", "3"]) == 2  # token trees need the in-process engine
-    assert "--in-process" in capsys.readouterr().err
+    (tmp_path / "bad.yaml").write_text("draft: {max_hypotheses: -1}\n")
+    assert main(["serve", "--config", str(tmp_path / "bad.yaml")]) == 2
+    assert "max_hypotheses" in capsys.readouterr().err
     assert main(base + ["--tree-width", "0"]) == 2
     assert "tree_width" in capsys.readouterr().err

@@ -11,7 +11,8 @@ import torch
 
 from tests.unit import test_learned_drafters as learned
 from tests.unit.test_learned_drafters import MAX_LEN, PROMPTS, target  # noqa: F401 (target: the shared fixture)
-from workers.drafters.base import DraftProposal, DraftRequest, Drafter
+from workers.drafters.base import DraftProposal
+from workers.drafters.learned import MAX_TREE_NODES, DraftRequest, Drafter
 from workers.drafters.registry import build_drafter
 from workers.engine.draft_client import InProcessDraftClient
 from workers.engine.engine import SpecEngine
@@ -55,6 +56,17 @@ def test_within_and_main_chain_keep_a_valid_tree():
     for bad in ([-1, 1], [-1], [-1, -2], [0, 0]):  # a parent that is not an earlier node, or a wrong length
         assert DraftProposal([1, 2], parents=bad).within(7, 16).tokens == []
     assert DraftProposal([1, 2], probs, None, [-1, -1]).within(7, 16).tokens == []  # trees are greedy only
+
+
+def test_after_first_is_the_proposal_for_the_context_extended_by_its_first_token():
+    p = DraftProposal([10, 11, 12, 13, 14, 15], None, [0.9, 0.8, 0.7, 0.6, 0.5, 0.4], [-1, 0, 1, -1, 3, 0])
+    rest = p.after_first()  # node 0's subtree: 11 -> 12 and 15, re-rooted at the context
+    assert rest.tokens == [11, 12, 15] and rest.parents == [-1, 0, -1] and rest.confidence == [0.8, 0.7, 0.4]
+    assert rest.main_chain().tokens == [11, 12]
+    probs = torch.rand(3, 5)
+    chain = DraftProposal([1, 2, 3], probs, [0.5, 0.4, 0.3]).after_first()
+    assert chain.tokens == [2, 3] and torch.equal(chain.probs, probs[1:]) and chain.confidence == [0.4, 0.3]
+    assert DraftProposal().after_first().tokens == [] and DraftProposal([7]).after_first().tokens == []
 
 
 # ------------------------------------------------------------------------------------- the tree-masked forward
@@ -213,6 +225,11 @@ def test_learned_drafters_draft_exact_trees(target, untrained, kind):
     assert all(len(set(p.tokens[i] for i, x in enumerate(p.parents) if x < 0)) == 3 for p in trees)
     if kind == "dspark":  # its runners-up continue with the Markov head: branches deeper than one token
         assert any(p.depth() == k and len(p.tokens) > k + 2 for p in trees)
+    if kind == "eagle":  # runners-up beside every position of the chain: two per drafted position
+        for p in trees:
+            chain = p.main_chain().tokens
+            assert len(p.tokens) == min(3 * len(chain), MAX_TREE_NODES) or len(p.tokens) == MAX_TREE_NODES
+        assert any(p.parents.count(0) == 3 for p in trees)  # the chain's first token has three children
     with pytest.raises(ValueError, match="tree_width"):
         build_drafter(f"{kind}:{untrained[kind]}", target, tree_width=0)
 

@@ -96,6 +96,22 @@ class DraftProposal:
             score.append(self.confidence[i] * (1.0 if p < 0 else score[p]))
         return self._subtree(sorted(sorted(range(len(score)), key=lambda i: (-score[i], i))[:n]))
 
+    def after_first(self) -> DraftProposal:
+        """What this proposal drafts past its first token (a tree: the first node's subtree, its children now
+        children of the context): the proposal for the context extended by that token."""
+        if not self.tokens:
+            return DraftProposal()
+        if self.parents is None:
+            return DraftProposal(self.tokens[1:], None if self.probs is None else self.probs[1:],
+                                 None if self.confidence is None else self.confidence[1:])
+        below = {0}
+        for i, p in enumerate(self.parents):
+            if p in below:
+                below.add(i)
+        sub = self._subtree(sorted(below))  # node 0 is the subtree's root: drop it, its children become roots
+        return DraftProposal(sub.tokens[1:], None, None if sub.confidence is None else sub.confidence[1:],
+                             [p - 1 for p in sub.parents[1:]])
+
     def main_chain(self) -> DraftProposal:
         """A tree's first branch (each node's first child, from the root) as a chain, for paths that verify
         chains only (the disaggregated token stream)."""

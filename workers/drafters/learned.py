@@ -122,7 +122,7 @@ class LearnedDrafter(Drafter):
         if not 0 <= self.min_confidence <= 1:
             raise ValueError(f"min_confidence must be in [0, 1], got {self.min_confidence}")
         # Greedy drafts become token trees, verified in one tree-masked target forward; 1 keeps chains. eagle and
-        # mtp1 add the runners-up for the first position as one-token branches (tree_width first tokens in all);
+        # mtp1 add each drafted position's runners-up as one-token branches (tree_width candidates per position);
         # dspark gives each of its most promising nodes tree_width children (`_draft_block_tree`). Either way
         # the tree keeps the MAX_TREE_NODES nodes of highest predicted path survival.
         if not 1 <= tree_width <= 8:
@@ -274,7 +274,7 @@ class LearnedDrafter(Drafter):
         conf: list[list[float]] = [[] for _ in range(R)]
         survive = [1.0] * R  # the draft's own estimate that every token so far is accepted
         total = [len(f) + n for f, n in zip(forced, want)]
-        alts: list[list[tuple[int, float]]] = [[] for _ in range(R)]  # extra first tokens (tree_width > 1)
+        alts: list[list[tuple[int, float, int]]] = [[] for _ in range(R)]  # (token, prob, parent): tree_width > 1
         i = 0
         while True:
             # position i of every active row: forced (assumed) or drafted from its current output
@@ -285,12 +285,12 @@ class LearnedDrafter(Drafter):
                 picks = self._pick([states[j] for j in drafted], lg, [probs[j] for j in drafted])
                 sm = lg.softmax(-1)
                 top = sm.amax(-1).tolist()
-                if i == 0 and self.tree_width > 1:  # the runners-up for the first position, as extra branches
+                if self.tree_width > 1:  # each position's runners-up, as one-token branches beside the chain
                     p_alt, i_alt = sm.topk(min(self.tree_width, sm.shape[-1]), -1)
-                    t_alt = head.draft_vocab[i_alt[:, 1:]].tolist()
+                    t_alt, p_alt = head.draft_vocab[i_alt[:, 1:]].tolist(), p_alt[:, 1:].tolist()
                     for r, j in enumerate(drafted):
-                        if states[j].params.greedy and not forced[j]:
-                            alts[j] = list(zip(t_alt[r], p_alt[r, 1:].tolist()))
+                        if states[j].params.greedy:  # parent: the chain's token before this position
+                            alts[j] += [(t, c, len(tokens[j]) - 1) for t, c in zip(t_alt[r], p_alt[r])]
                 for j, t, c in zip(drafted, picks, top):
                     tokens[j].append(t)
                     conf[j].append(c)
@@ -310,8 +310,9 @@ class LearnedDrafter(Drafter):
         for j in range(R):
             if alts[j]:
                 n = len(tokens[j])
-                out.append(DraftProposal(tokens[j] + [t for t, _ in alts[j]], None, conf[j] + [c for _, c in alts[j]],
-                                         list(range(-1, n - 1)) + [-1] * len(alts[j])))
+                out.append(DraftProposal(tokens[j] + [t for t, _, _ in alts[j]], None,
+                                         conf[j] + [c for _, c, _ in alts[j]],
+                                         list(range(-1, n - 1)) + [p for _, _, p in alts[j]]))
             else:
                 out.append(DraftProposal(tokens[j], torch.stack(probs[j]) if probs[j] else None, conf[j]))
         return out

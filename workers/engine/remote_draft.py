@@ -35,8 +35,9 @@ log = logging.getLogger(__name__)
 # How long, relative to the usual verdict -> next block latency (an EMA of its mean), the target waits before it
 # steps a sequence without a draft. A step without one yields a single token for a whole target forward, while the
 # block it gives up on was about to bring tau tokens: waiting into the latency's tail pays. (With a model drafter,
-# a draft-bound pipeline took 12 of ~40 steps without a draft at 1.25x the mean, 2-4 at 2x; bench/results/pipeline-*.)
-WAIT_MARGIN = 2.0
+# a draft-bound pipeline took 12 of ~40 steps without a draft at 1.25x the mean, 2-4 at 2x; bench/results/pipeline-*.
+# With eagle, whose block length varies with its confidence, 2x still left 4-5 % of steps without a draft.)
+WAIT_MARGIN = 3.0
 
 
 @dataclass
@@ -230,7 +231,8 @@ class RemoteDraftClient(DraftClient):
                 lat = time.perf_counter() - st.sent_at
                 if len(self.rpc_latencies) < 100_000:
                     self.rpc_latencies.append(lat)
-                self.latency_ema = lat if self.latency_ema is None else 0.9 * self.latency_ema + 0.1 * lat
+                if not b.prepared:  # how long to wait for a block is set by the blocks drafted after a verdict
+                    self.latency_ema = lat if self.latency_ema is None else 0.9 * self.latency_ema + 0.1 * lat
                 st.sent_at = 0.0
             probs = tensor_from_proto(b.probs) if b.HasField("probs") else None
             if not b.tokens:

@@ -10,6 +10,15 @@ Run-ahead is bounded by `ahead_blocks` blocks past the last verdict: 1 means "dr
 verdict on this one" (no pipelining); 2 keeps one block in flight while the target verifies the other. Epochs are
 owned by the target (see protos/specray.proto); a verdict with a higher epoch rolls this sequence back to the
 committed tokens and it is drafted again.
+
+Running ahead on "the whole block is accepted" rarely pays for a learned drafter: it ends its block where it
+stops being sure, and the target rejects a token or two of most blocks. So while the target verifies, an idle
+worker also prepares blocks for the verdicts a block is *likely* to get (`max_hypotheses` per block): each of the
+drafter's runners-up at a position of the block (a greedy token tree's branches: "accepted up to here, then the
+target picks this token instead") and the whole block accepted followed by the drafter's guesses for the target's
+next token, best first by the drafter's own estimate of the outcome's probability. When the verdict's committed
+context is one of them, its block goes out at once, with the verdict's epoch, instead of after a drafting round.
+Nothing on the wire changes, and a block is only ever sent for the exact context the target has committed.
 """
 
 from __future__ import annotations
@@ -25,12 +34,15 @@ import grpc
 
 from protos import specray_pb2 as pb
 from protos import specray_pb2_grpc as pb_grpc
-from workers.drafters.base import DraftRequest, Drafter
+from workers.drafters.base import DraftProposal, DraftRequest, Drafter
 from workers.wire import SERVER_OPTIONS, GrpcTLS, add_port, params_from_proto, tensor_from_proto, tensor_to_proto
 
 log = logging.getLogger(__name__)
 
 MAX_SEQ_TOKENS = 1 << 20
+# A verdict outcome gets a block prepared only if the drafter gives it at least this probability: below it, the
+# drafting it costs (it delays a real block that becomes due meanwhile) is rarely repaid.
+MIN_HYPOTHESIS_SCORE = 0.03
 
 
 @dataclass
@@ -42,7 +54,14 @@ class _Seq:
     committed: list[int] = field(default_factory=list)
     assumed: list[int] = field(default_factory=list)  # drafted past the committed tokens, already sent
     starved: bool = False  # the drafter had nothing more to say; wait for the next verdict
-    drafting: bool = False
+    sent_at: float = 0.0  # when the last block went out (perf_counter)
+    version: int = 0  # bumped when a prepared block goes out: a block drafted meanwhile is for a stale context
+    # verdicts the blocks in flight may get: (score, committed context after it, extend), best first; `extend`:
+    # the context is a whole block accepted, the target's next token still to be guessed (the draft's first token)
+    hypotheses: list[tuple[float, list[int], bool]] = field(default_factory=list)
+    prepared: dict[tuple[int, ...], DraftProposal] = field(default_factory=dict)  # context -> its proposal
+    budget: int = 0  # hypotheses still to draft for the blocks in flight
+    hyp_gen: int = 0  # bumped when the hypotheses are dropped: results of drafting older ones are discarded
 
 
 class _Session:
@@ -56,13 +75,22 @@ class _Session:
 
 
 class DraftWorker(pb_grpc.DraftServiceServicer):
-    def __init__(self, drafter: Drafter, name: str, max_sequences: int = 256, ahead_blocks: int = 2):
+    def __init__(self, drafter: Drafter, name: str, max_sequences: int = 256, ahead_blocks: int = 2,
+                 max_hypotheses: int = 6):
         if ahead_blocks < 1:
             raise ValueError("ahead_blocks must be >= 1")
+        if max_hypotheses < 0:
+            raise ValueError("max_hypotheses must be >= 0")
         self.drafter = drafter
         self.name = name
         self.max_sequences = max_sequences
         self.ahead_blocks = ahead_blocks
+        self.max_hypotheses = max_hypotheses if ahead_blocks > 1 else 0  # preparing blocks is running ahead
+        self.hypotheses_drafted = 0
+        # EMAs, seconds: block sent -> its verdict back (the target's step), and drafting one batch of hypotheses
+        self.verify_ema: float | None = None
+        self.prepare_ema: float | None = None
+        self.prepared_hits = 0  # verdicts answered with a block prepared for them
         self.seqs: dict[str, _Seq] = {}
         self.cv = threading.Condition()
         self.ops: list[tuple] = []  # drafter calls queued for the drafting thread: ("add"|"release"|"features", ...)
@@ -75,7 +103,9 @@ class DraftWorker(pb_grpc.DraftServiceServicer):
     def Info(self, request, context):
         with self.cv:
             return pb.DraftInfo(drafter=self.name, feature_layers=list(self.drafter.feature_layers),
-                                max_sequences=self.max_sequences, active_sequences=len(self.seqs))
+                                max_sequences=self.max_sequences, active_sequences=len(self.seqs),
+                                blocks_sent=self.blocks_sent, hypotheses_drafted=self.hypotheses_drafted,
+                                prepared_hits=self.prepared_hits)
 
     def Speculate(self, request_iterator, context):
         session = _Session(context.peer())
@@ -147,6 +177,9 @@ class DraftWorker(pb_grpc.DraftServiceServicer):
                 return  # finished or dropped meanwhile
             if m.start != len(st.committed):
                 raise ValueError(f"verdict for position {m.start}, sequence has {len(st.committed)} tokens")
+            if st.sent_at:
+                dt = time.perf_counter() - st.sent_at
+                self.verify_ema = dt if self.verify_ema is None else 0.9 * self.verify_ema + 0.1 * dt
             n = len(m.committed)
             if m.epoch > st.epoch or n > len(st.assumed):
                 st.epoch = max(m.epoch, st.epoch)
@@ -158,7 +191,60 @@ class DraftWorker(pb_grpc.DraftServiceServicer):
             st.starved = False
             if m.HasField("features"):
                 self.ops.append(("features", m.seq_id, m.start - 1, tensor_from_proto(m.features)))
+            if not st.assumed:  # the target needs a block for exactly st.committed now
+                self._send_prepared(st)
             self.cv.notify_all()
+
+    def _send_prepared(self, st: _Seq) -> None:  # caller holds the lock
+        """Answer a verdict with the block prepared for its committed context, if there is one."""
+        prop = st.prepared.get(tuple(st.committed)) if st.prepared else None
+        tokens = prop.main_chain().tokens[: st.k + 1] if prop is not None and st.k > 0 else []
+        self._drop_hypotheses(st)
+        if not tokens:
+            return
+        st.assumed = list(tokens)
+        st.starved = len(tokens) < st.k + 1
+        st.version += 1
+        self.prepared_hits += 1
+        self._send_block(st, pb.DraftBlock(seq_id=st.seq_id, epoch=st.epoch, start=len(st.committed), tokens=tokens,
+                                           drafted_at=time.time(), prepared=True))
+        self._add_hypotheses(st, st.committed, prop, tokens)
+
+    def _send_block(self, st: _Seq, block: pb.DraftBlock) -> None:  # caller holds the lock
+        st.sent_at = time.perf_counter()
+        if not st.session.closed:
+            st.session.out.put(pb.DraftMessage(block=block))
+            self.blocks_sent += 1
+
+    @staticmethod
+    def _drop_hypotheses(st: _Seq) -> None:
+        st.hypotheses, st.prepared, st.budget = [], {}, 0
+        st.hyp_gen += 1
+
+    def _add_hypotheses(self, st: _Seq, ctx: list[int], prop: DraftProposal, block: list[int]) -> None:
+        """The verdicts the block just sent (drafted as `prop` on `ctx`) is likely to get, worth a prepared block.
+        Greedy proposals of drafters that estimate their tokens' acceptance only (learned drafters)."""
+        if not self.max_hypotheses or prop.confidence is None or prop.probs is not None or not block:
+            return
+        st.budget = self.max_hypotheses
+        main = prop.main_chain()
+        survive = [1.0]  # the drafter's estimate that the block's first i tokens are accepted
+        for c in main.confidence[: len(block)]:
+            survive.append(survive[-1] * c)
+        found: list[tuple[float, list[int], bool]] = []
+        if prop.is_tree:  # a branch off the block: "accepted up to its parent, then the target picks it"
+            paths: list[list[int]] = []
+            for tok, parent, c in zip(prop.tokens, prop.parents, prop.confidence):
+                path = (paths[parent] if parent >= 0 else []) + [tok]
+                paths.append(path)
+                d = len(path) - 1
+                # the target verifies at most k tokens, so its own token is at a position <= k
+                if d <= min(len(block), st.k) and path[:d] == block[:d] and (d == len(block) or tok != block[d]):
+                    found.append((survive[d] * c, ctx + path, False))
+        if len(block) <= st.k:  # the target verifies the whole block and adds a token of its own: guess it
+            found.append((survive[len(block)], ctx + block, True))
+        st.hypotheses = sorted([h for h in st.hypotheses + found if h[0] >= MIN_HYPOTHESIS_SCORE],
+                               key=lambda h: -h[0])
 
     def _on_finish(self, seq_id: str) -> None:
         with self.cv:
@@ -176,16 +262,32 @@ class DraftWorker(pb_grpc.DraftServiceServicer):
         return [s for s in self.seqs.values()
                 if s.k > 0 and not s.starved and len(s.assumed) < self.ahead_blocks * (s.k + 1)]
 
+    def _guesses(self) -> list[tuple[_Seq, int, float, list[int], bool]]:
+        """Idle: the best hypothesis of every sequence that has one (one per sequence: a drafter holds one state
+        per sequence), to draft in one batch. Caller holds the lock."""
+        out, now = [], time.perf_counter()
+        for s in self.seqs.values():
+            if s.hypotheses and s.budget > 0 and self.verify_ema is not None and self.prepare_ema is not None and (
+                    now + self.prepare_ema > s.sent_at + self.verify_ema):
+                s.hypotheses, s.budget = [], 0  # its verdict is due before another one could be drafted
+            if s.hypotheses and s.budget > 0:
+                score, ctx, extend = s.hypotheses.pop(0)
+                s.budget -= 1
+                out.append((s, s.hyp_gen, score, ctx, extend))
+        return out
+
     def _loop(self) -> None:
         while True:
             with self.cv:
-                while not self.stopped and not self.ops and not self._ready():
+                while not self.stopped and not self.ops and not self._ready() and not any(
+                        s.hypotheses and s.budget > 0 for s in self.seqs.values()):
                     self.cv.wait(timeout=1.0)
                 if self.stopped:
                     return
                 ops, self.ops = self.ops, []
                 batch = self._ready()
-                snapshot = [(s, s.epoch, len(s.committed), s.committed + s.assumed) for s in batch]
+                snapshot = [(s, s.epoch, s.version, s.committed + s.assumed) for s in batch]
+                guesses = [] if batch or ops else self._guesses()  # real blocks (and fresh features) first
             for op in ops:  # drafter calls happen on this thread only
                 try:
                     if op[0] == "add":
@@ -196,20 +298,23 @@ class DraftWorker(pb_grpc.DraftServiceServicer):
                         self.drafter.observe_target_features(op[1], op[2], op[3])
                 except Exception:  # a drafter bug must not take the worker down
                     log.exception("drafter %s failed for %s", op[0], op[1])
+            if guesses:
+                self._prepare(guesses)
             if not snapshot:
                 continue
             requests = [DraftRequest(s.seq_id, ctx, s.k + 1) for s, _, _, ctx in snapshot]
             try:
-                # a token stream carries chains: a drafter that drafts trees streams its first branch
-                proposals = [p.main_chain() for p in self.drafter.propose(requests)]
+                trees = self.drafter.propose(requests)
             except Exception:
                 log.exception("drafter.propose failed; sending empty blocks")
-                proposals = [None] * len(requests)
+                trees = [None] * len(requests)
             now = time.time()
             with self.cv:
-                for (st, epoch, ncommitted, ctx), prop in zip(snapshot, proposals):
-                    if self.seqs.get(st.seq_id) is not st:
-                        continue  # finished meanwhile
+                for (st, epoch, version, ctx), tree in zip(snapshot, trees):
+                    if self.seqs.get(st.seq_id) is not st or st.version != version:
+                        continue  # finished meanwhile, or a prepared block went out for the context that followed
+                    # a token stream carries chains: a drafter that drafts trees streams its first branch
+                    prop = tree.main_chain() if tree is not None else None
                     tokens = list(prop.tokens) if prop is not None else []
                     probs = prop.probs if prop is not None else None
                     start = len(ctx)
@@ -220,6 +325,7 @@ class DraftWorker(pb_grpc.DraftServiceServicer):
                         start, tokens, probs = _salvage(ctx, tokens, probs, st.committed)
                         if start < 0:
                             continue
+                        tree = None  # its branches are about the old context
                     block = pb.DraftBlock(seq_id=st.seq_id, epoch=st.epoch, start=start, tokens=tokens,
                                           drafted_at=now)
                     if probs is not None and tokens:
@@ -227,9 +333,39 @@ class DraftWorker(pb_grpc.DraftServiceServicer):
                     st.assumed += tokens
                     if len(tokens) < st.k + 1:
                         st.starved = True  # told the target all we know; more only after the next verdict
-                    if not st.session.closed:
-                        st.session.out.put(pb.DraftMessage(block=block))
-                        self.blocks_sent += 1
+                    self._send_block(st, block)
+                    if tree is not None and st.budget == 0 and not st.prepared:
+                        self._add_hypotheses(st, ctx, tree, tokens)
+
+    def _prepare(self, guesses: list[tuple[_Seq, int, float, list[int], bool]]) -> None:
+        """Draft the blocks for the guessed verdicts; see the module docstring."""
+        requests = [DraftRequest(s.seq_id, ctx, s.k + 1 + extend) for s, _, _, ctx, extend in guesses]
+        t0 = time.perf_counter()
+        try:
+            props = self.drafter.propose(requests)
+        except Exception:
+            log.exception("drafter.propose failed on a hypothesis")
+            return
+        dt = time.perf_counter() - t0
+        with self.cv:
+            self.prepare_ema = dt if self.prepare_ema is None else 0.9 * self.prepare_ema + 0.1 * dt
+            for (st, gen, score, ctx, extend), prop in zip(guesses, props):
+                if self.seqs.get(st.seq_id) is not st or st.hyp_gen != gen:
+                    continue  # the verdict came meanwhile
+                self.hypotheses_drafted += 1
+                if not extend:
+                    st.prepared[tuple(ctx)] = prop
+                    continue
+                # the whole block accepted: the proposal's first token guesses the target's next token, the
+                # rest is the block for that verdict; the guess's runners-up are verdicts worth a block too
+                if not prop.tokens:
+                    continue
+                st.prepared[tuple(ctx + [prop.tokens[0]])] = prop.after_first()
+                if prop.is_tree and prop.confidence is not None:
+                    more = [(score * c, ctx + [t], False) for i, (t, p, c) in
+                            enumerate(zip(prop.tokens, prop.parents, prop.confidence))
+                            if i > 0 and p < 0 and score * c >= MIN_HYPOTHESIS_SCORE]
+                    st.hypotheses = sorted(st.hypotheses + more, key=lambda h: -h[0])
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the drafting thread and wait for it: a thread still inside torch when the interpreter exits
@@ -254,10 +390,11 @@ def _salvage(ctx: list[int], tokens: list[int], probs, committed: list[int]):
 
 
 def serve_draft(drafter: Drafter, name: str, host: str = "127.0.0.1", port: int = 0, max_sequences: int = 256,
-                ahead_blocks: int = 2, max_streams: int = 64,
-                tls: GrpcTLS | None = None) -> tuple[grpc.Server, DraftWorker, int]:
+                ahead_blocks: int = 2, max_streams: int = 64, tls: GrpcTLS | None = None,
+                max_hypotheses: int = 6) -> tuple[grpc.Server, DraftWorker, int]:
     """Start a draft worker's gRPC server (mutual TLS when `tls` is given); returns (server, worker, bound port)."""
-    worker = DraftWorker(drafter, name, max_sequences=max_sequences, ahead_blocks=ahead_blocks)
+    worker = DraftWorker(drafter, name, max_sequences=max_sequences, ahead_blocks=ahead_blocks,
+                         max_hypotheses=max_hypotheses)
     # each stream holds two threads (response generator + reader); bound the pool explicitly
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2 * max_streams + 4), options=SERVER_OPTIONS,
                          maximum_concurrent_rpcs=max_streams + 8)

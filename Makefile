@@ -44,7 +44,7 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/specray bench offline --target smollm2-135m --drafts none,ngram --peers hf_generate,hf_assisted \
-		--prompts bench/prompts/all.jsonl --max-tokens 128 --chat --dtype bf16 --json bench-offline.json
+		--prompts bench/prompts/all.jsonl --max-tokens 128 --chat --json bench-offline.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache

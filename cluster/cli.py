@@ -28,7 +28,8 @@ def _add_setup_comparison_args(p: argparse.ArgumentParser, draft: str, k: int) -
     p.add_argument("--target", default=DEFAULT_TARGET)
     p.add_argument("--draft", default=draft)
     p.add_argument("--k", type=int, default=k)
-    p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto (default): bf16 on GPUs and CPUs with native bf16 (AVX512-BF16, AMX), else fp32")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the target in every setup")
     p.add_argument("--prompts", required=True)
     p.add_argument("--limit", type=int, default=None)
@@ -36,7 +37,8 @@ def _add_setup_comparison_args(p: argparse.ArgumentParser, draft: str, k: int) -
 
 def _add_model_args(p: argparse.ArgumentParser, draft_default: str = "none") -> None:
     p.add_argument("--target", default=DEFAULT_TARGET, help="model name, .gguf file, HF directory or cached HF id")
-    p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto (default): bf16 on GPUs and CPUs with native bf16 (AVX512-BF16, AMX), else fp32")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--max-model-len", type=int, default=4096, help="context length served (<= the model's)")
 
@@ -124,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "local Ray (the embedded default)")
     s.add_argument("--config", help="YAML config (SpecrayConfig; deploy/serve.yaml's args also work)")
     s.add_argument("--target", default=None, help="target model (default: smollm2-135m)")
-    s.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"])
+    s.add_argument("--dtype", default=None, choices=["auto", "fp32", "bf16", "fp16"],
+                   help="target dtype (default: the config's, auto)")
     s.add_argument("--draft", default=None, help="drafter of the draft pool (default: ngram)")
     s.add_argument("--k", type=int, default=None, help="draft tokens verified per step")
     s.add_argument("--min-confidence", type=float, default=None,
@@ -337,6 +340,10 @@ def main(argv: list[str] | None = None) -> int:
     from workers.models.loader import ModelNotFound
 
     handlers = {"generate": cmd_generate, "serve": cmd_serve}
+    if args.command != "serve" and getattr(args, "dtype", None) == "auto":  # serve: each replica resolves its own
+        from workers.models.loader import resolve_dtype
+
+        args.dtype = resolve_dtype("auto", getattr(args, "device", None) or "cpu")
     try:
         if args.command == "bench":
             return {"offline": cmd_bench_offline, "serve": cmd_bench_serve, "disagg": cmd_bench_disagg,

@@ -137,7 +137,7 @@ def distill_step(student: Decoder, target: Decoder, tokens, lengths, prompt_lens
 
 def distill(args) -> dict:
     from training.train import _setup_distributed, collate, make_batches, read_rows
-    from workers.models.loader import load_model
+    from workers.models.loader import load_model, resolve_dtype
 
     rank, world = _setup_distributed()
     device = torch.device(args.device)
@@ -146,7 +146,8 @@ def distill(args) -> dict:
     data = Path(args.data)
     if not (data / "train.jsonl").is_file():
         raise ValueError(f"{data} has no train.jsonl; make one with `specray data --out {data}`")
-    lm = load_model(args.target, "bf16" if args.target_dtype == "bf16" else "fp32", device=str(device))
+    tdtype = resolve_dtype(args.target_dtype, device)
+    lm = load_model(args.target, tdtype, device=str(device))
     target = lm.model.eval()
     eos = lm.eos_token_ids[0] if lm.eos_token_ids else None
     rows = read_rows(data / "train.jsonl", args.max_len, eos)
@@ -189,7 +190,7 @@ def distill(args) -> dict:
             frac = max(frac, (time.time() - t0) / (args.time_budget_min * 60))
         return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
 
-    amp = args.amp if args.amp is not None else args.target_dtype == "bf16"
+    amp = args.amp if args.amp is not None else tdtype == "bf16"
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
     history: list[dict] = []
     info = {k: v for k, v in vars(args).items() if k != "func"}

@@ -13,8 +13,9 @@ downloaded. Prompts come from two kinds of source:
 `self_instruct_requests` / `clean_self_instruct` add a third source ("self-instruct"): the target writes questions
 about topics, which `training/data.py` then has the target answer.
 
-Benchmark prompts (`bench/prompts/*.jsonl`) are evaluation data and are excluded by normalised text, so a drafter
-is never trained on the prompts it is measured on.
+Benchmark prompts (`bench/prompts/*.jsonl`) and the held-out prompts the shipped drafters are evaluated on
+(`workers/drafters/checkpoints/*/heldout-*.jsonl`) are evaluation data and are excluded by normalised text, so a
+drafter is never trained on the prompts it is measured on.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 BENCH_PROMPTS_DIR = Path(__file__).resolve().parent.parent / "bench" / "prompts"
+SHIPPED_HELDOUT_GLOB = "workers/drafters/checkpoints/*/heldout-*.jsonl"  # relative to the repository root
 PYTHON_DOC_GLOB = "/usr/share/doc/python3*/html"
 PASSAGE_CHARS = (200, 1200)
 DEFAULT_SOURCES = ("template", "passage")
@@ -685,9 +687,12 @@ def normalize(text: str) -> str:
 
 
 def bench_prompt_keys(folder: str | Path = BENCH_PROMPTS_DIR) -> set[str]:
-    """Normalised text of every benchmark prompt: these must never be trained on."""
+    """Normalised text of every evaluation prompt (benchmarks, shipped drafters' held-out sets): never trained on."""
     keys = set()
-    for path in sorted(Path(folder).glob("*.jsonl")):
+    paths = sorted(Path(folder).glob("*.jsonl"))
+    if Path(folder) == BENCH_PROMPTS_DIR:
+        paths += sorted(BENCH_PROMPTS_DIR.parent.parent.glob(SHIPPED_HELDOUT_GLOB))
+    for path in paths:
         for line in path.read_text(encoding="utf-8").splitlines():
             if line.strip():
                 keys.add(normalize(json.loads(line)["prompt"]))

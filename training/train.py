@@ -249,7 +249,7 @@ class _Trainee:
 def train(args) -> dict:
     """Train every drafter in `args.drafter` (a comma list) on the same batches: the target's forward pass, the
     expensive part on a CPU, is shared by all of them. One kind writes to --out; several to --out/KIND."""
-    from workers.models.loader import load_model
+    from workers.models.loader import load_model, resolve_dtype
 
     kinds = [k.strip() for k in str(args.drafter).split(",") if k.strip()]
     if kinds == ["model"]:
@@ -274,7 +274,7 @@ def train(args) -> dict:
     data = Path(args.data)
     if not (data / "train.jsonl").is_file():
         raise ValueError(f"{data} has no train.jsonl; make one with `specray data --out {data}`")
-    tdtype = "bf16" if args.target_dtype == "bf16" else "fp32"
+    tdtype = resolve_dtype(args.target_dtype, device)
     lm = load_model(args.target, tdtype, device=str(device))
     target = lm.model.eval()
     eos = lm.eos_token_ids[0] if lm.eos_token_ids else None
@@ -437,7 +437,7 @@ def add_train_parser(sub) -> None:
     p.add_argument("--data", required=True, help="directory written by `specray data`")
     p.add_argument("--out", required=True, help="checkpoint directory")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--target-dtype", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--target-dtype", default="auto", choices=["auto", "bf16", "fp32"], help="auto (default): bf16 on GPUs and CPUs with native bf16, else fp32")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: --epochs)")
     p.add_argument("--time-budget-min", type=float, default=0, help="stop (and save) after this many minutes")

@@ -162,7 +162,7 @@ def test_serve_yaml_parses_and_its_args_are_a_specray_config():
     cfg = SpecrayConfig.model_validate(app.args)
     assert app.name == cfg.name
     t, d, r = cfg.target, cfg.draft, cfg.router
-    assert (t.model, t.dtype, t.tp, d.drafter) == ("smollm2-135m", "bf16", 1, "ngram")
+    assert (t.model, t.dtype, t.tp, d.drafter) == ("smollm2-135m", "auto", 1, "ngram")
     assert cfg.advertise_host == "127.0.0.1"  # the local default stays on loopback
     # pinned to the pools' custom resources, and small enough for a 2-core laptop without a GPU
     assert set(t.resources) == {"target"} and set(d.resources) == {"draft"}

@@ -60,8 +60,21 @@ def test_parse_dtype(name, dtype):
 
 @pytest.mark.parametrize("bad", ["fp8", "int8", "", "FP32 "])
 def test_parse_dtype_rejects_unknown_names(bad):
-    with pytest.raises(ValueError, match=r"unknown dtype .*fp32, bf16, fp16"):
+    with pytest.raises(ValueError, match=r"unknown dtype .*auto, fp32, bf16, fp16"):
         parse_dtype(bad)
+
+
+@pytest.mark.parametrize("flags,want", [("fpu avx2 fma", torch.float32), ("fpu avx2 avx512f avx512_bf16", torch.bfloat16),
+                                        ("fpu avx2 amx_bf16 amx_tile", torch.bfloat16), ("fpu avx512f", torch.float32)])
+def test_auto_dtype_follows_the_cpu(monkeypatch, flags, want):
+    """`auto` picks bf16 only where the CPU multiplies bf16 natively; an AVX2-only CPU gets fp32."""
+    import workers.models.loader as loader
+    real = loader.Path.read_text
+    monkeypatch.setattr(loader.Path, "read_text",
+                        lambda self, *a, **k: f"processor\t: 0\nflags\t\t: {flags}\n" if str(self) == "/proc/cpuinfo"
+                        else real(self, *a, **k))
+    assert parse_dtype("auto") is want
+    assert parse_dtype("auto", "cpu") is want and parse_dtype("fp32") is torch.float32
 
 
 def test_load_in_fp16(tiny_llama):

@@ -74,6 +74,15 @@ def test_corpus_excludes_benchmark_prompts(full_corpus):
     assert not bench & {corpus.normalize(r["prompt"]) for r in full_corpus}
 
 
+def test_shipped_heldout_prompts_are_excluded():
+    """The prompts the shipped drafters are evaluated on count as benchmark prompts; a plain one does not."""
+    bench = corpus.bench_prompt_keys()
+    heldout = corpus.BENCH_PROMPTS_DIR.parent.parent / "workers/drafters/checkpoints/smollm2-135m/heldout-chat.jsonl"
+    rows = [json.loads(line) for line in heldout.read_text().splitlines() if line.strip()]
+    assert len(rows) >= 20 and all(corpus.normalize(r["prompt"]) in bench for r in rows)
+    assert corpus.normalize("A prompt that is not in any benchmark.") not in bench
+
+
 def test_benchmark_prompts_are_filtered_out(monkeypatch):
     """Negative control for the exclusion: a benchmark prompt planted in a pool is dropped, even reformatted."""
     bench_text = json.loads((corpus.BENCH_PROMPTS_DIR / "chat.jsonl").read_text().splitlines()[2])["prompt"]

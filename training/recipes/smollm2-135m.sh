@@ -16,7 +16,8 @@
 # answer generation), MORE_S (seconds of a second, --resume pass that answers only the prompts the first one did
 # not reach; default 0), FEATURE_CACHE=1 (keep the first epoch's target features on disk, a few GB, and read them
 # back in later epochs), TRAIN_MIN (minutes of training), FT_DATA_S and FT_MIN (stage 2's seconds of data and
-# minutes of fine-tuning; FT_DATA_S=0 skips stage 2), SPECRAY (how to call the CLI; default `specray`).
+# minutes of fine-tuning; FT_DATA_S=0 skips stage 2), DATA_ARGS / FT_DATA_ARGS / TRAIN_ARGS (replace the device's
+# default arguments of each stage), SPECRAY (how to call the CLI; default `specray`).
 # The shipped drafters' data was built without Debian's `python3-doc` (passages: stdlib docstrings only); with it
 # installed the passage pool holds paragraphs of the Python manual too, and the prompts differ.
 # A larger stage 1 (DATA_S=3300 MORE_S=1500 TRAIN_MIN=45, --builtin 7000, python3-doc installed: 1.03M training
@@ -32,15 +33,15 @@ SPECRAY=${SPECRAY:-specray}
 MORE_S=${MORE_S:-0}
 if [ "$DEVICE" = cpu ]; then
   DATA_S=${DATA_S:-2400}; TRAIN_MIN=${TRAIN_MIN:-47}; FT_DATA_S=${FT_DATA_S:-1500}; FT_MIN=${FT_MIN:-25}
-  DATA_ARGS="--builtin 6000 --self-instruct 0 --batch-size 64"
-  FT_DATA_ARGS="--builtin 8000 --seed 1 --self-instruct 0 --batch-size 64"
-  TRAIN_ARGS="--batch-tokens 4096 --eval-every 40 --eval-batches 3 --epochs 10"
+  DATA_ARGS=${DATA_ARGS:-"--builtin 6000 --self-instruct 0 --batch-size 64"}
+  FT_DATA_ARGS=${FT_DATA_ARGS:-"--builtin 8000 --seed 1 --self-instruct 0 --batch-size 64"}
+  TRAIN_ARGS=${TRAIN_ARGS:-"--batch-tokens 4096 --eval-every 40 --eval-batches 3 --epochs 10"}
   FT_CACHE_ARGS="--feature-cache $OUT/feature-cache-ft"  # stage 2: ~2.5 GB here, reused after epoch 1, then deleted
 else
   DATA_S=${DATA_S:-600}; TRAIN_MIN=${TRAIN_MIN:-20}; FT_DATA_S=${FT_DATA_S:-300}; FT_MIN=${FT_MIN:-10}
-  DATA_ARGS="--builtin 10000 --self-instruct 3000 --batch-size 384"
-  FT_DATA_ARGS="--builtin 16000 --seed 1 --self-instruct 3000 --batch-size 384"
-  TRAIN_ARGS="--batch-tokens 32768 --eval-every 100 --epochs 20"
+  DATA_ARGS=${DATA_ARGS:-"--builtin 10000 --self-instruct 3000 --batch-size 384"}
+  FT_DATA_ARGS=${FT_DATA_ARGS:-"--builtin 16000 --seed 1 --self-instruct 3000 --batch-size 384"}
+  TRAIN_ARGS=${TRAIN_ARGS:-"--batch-tokens 32768 --eval-every 100 --epochs 20"}
   FT_CACHE_ARGS=""
 fi
 if [ -n "${PROMPTS:-}" ]; then

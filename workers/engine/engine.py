@@ -65,7 +65,7 @@ class SpecEngine:
         self.validate(request)
         seq = Sequence(request)
         if not request.params.greedy:
-            seq.generator = torch.Generator()
+            seq.generator = torch.Generator(device=self.target.model.device)  # draws on the logits' device
             seq.generator.manual_seed(request.params.seed if request.params.seed is not None
                                       else int(torch.randint(0, 2**62, ()).item()))
         self.sequences[request.seq_id] = seq

@@ -168,7 +168,7 @@ class TargetRunner:
             else:
                 v = min(p.probs.shape[-1], self.vocab_size)
                 probs[i, :n, :v] = p.probs[:n, :v].float()
-        return probs
+        return probs.to(self.model.device)
 
 
 def _accepted_path(proposal: DraftProposal, argmax: list[int]) -> list[int]:

@@ -71,7 +71,7 @@ def attend(
         if mask is not None:
             mask = mask[:, :, None].expand(B, 1, rep, T, mask.shape[-1]).reshape(B, 1, rep * T, -1)
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
-    return out.view(B, H, T, hd)
+    return out.reshape(B, H, T, hd)  # CUDA's fused kernels return a non-contiguous layout: no view
 
 
 class Attention(nn.Module):

@@ -62,13 +62,36 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SPECRAY_CACHE", Path.home() / ".cache" / "specray"))
 
 
-def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+def fast_bf16(device: str | torch.device = "cpu") -> bool:
+    """Whether bf16 matrix products run at full speed here: any CUDA GPU that supports bf16, or a CPU with AVX512-BF16
+    or AMX. Without them (AVX2-only CPUs, e.g. many AMD EPYC and laptop parts) torch emulates bf16 products, which
+    measured ~40x slower than fp32 on one such machine (README, "Measured")."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(name: str, device: str | torch.device = "cpu") -> str:
+    """`auto` -> `bf16` where bf16 is fast on `device` (`fast_bf16`), else `fp32`; other names unchanged."""
+    if name != "auto":
+        return name
+    return "bf16" if fast_bf16(device) else "fp32"
+
+
+def parse_dtype(name: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
     if isinstance(name, torch.dtype):
         return name
     try:
-        return DTYPES[name]
+        return DTYPES[resolve_dtype(name, device)]
     except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; choose one of fp32, bf16, fp16") from None
+        raise ValueError(f"unknown dtype {name!r}; choose one of auto, fp32, bf16, fp16") from None
 
 
 def _package_dir(module: str) -> Path | None:
@@ -216,7 +239,7 @@ def load_model(name_or_path: str, dtype: str | torch.dtype = "fp32", device: str
         raise ModelNotFound(f"{path}: missing weights {sorted(missing)[:5]}")
     for k in unexpected:  # e.g. rotary buffers some exporters save
         state.pop(k)
-    torch_dtype = parse_dtype(dtype)
+    torch_dtype = parse_dtype(dtype, device)
     state = {k: v.to(device=device, dtype=torch_dtype) for k, v in state.items()}
     model.load_state_dict(state, assign=True)
     model.eval().requires_grad_(False)

@@ -1,6 +1,8 @@
-"""Target forward time by number of new positions (chain vs token tree), SmolLM2-135M bf16, 2 threads, batch 1,
-250-token context; median of 15. Writes verify-cost-by-positions.json beside this file."""
+"""Target forward time by number of new positions (chain vs token tree), SmolLM2-135M, 2 threads, batch 1,
+250-token context; median of 15. `python verify-cost-by-positions.py [DTYPE]` (default bf16) writes
+verify-cost-by-positions.json beside this file (-DTYPE.json for another dtype)."""
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -9,7 +11,8 @@ import torch
 from workers.models.loader import load_model
 
 torch.set_num_threads(2)
-model = load_model("smollm2-135m", dtype="bf16").model
+DTYPE = sys.argv[1] if len(sys.argv) > 1 else "bf16"
+model = load_model("smollm2-135m", dtype=DTYPE).model
 cache = model.new_cache(1, 1024)
 
 
@@ -34,9 +37,10 @@ with torch.inference_mode():
         model(torch.randint(0, 1000, (1, T)), cache, [0], tree=parents)
         cache.rollback(0, ctx)
 
-    out = {"model": "smollm2-135m", "dtype": "bf16", "threads": 2, "context": ctx, "forward_ms": {}}
+    out = {"model": "smollm2-135m", "dtype": DTYPE, "threads": 2, "context": ctx, "forward_ms": {}}
     for T in [1, 4, 8, 12, 16, 24, 32]:
         out["forward_ms"][T] = {"chain": median_ms(lambda: forward(T, False)),
                                 "tree": median_ms(lambda: forward(T, True)) if T > 2 else None}
-Path(__file__).with_suffix(".json").write_text(json.dumps(out, indent=2) + "\n")
+suffix = ".json" if DTYPE == "bf16" else f"-{DTYPE}.json"
+Path(__file__).with_name(Path(__file__).stem + suffix).write_text(json.dumps(out, indent=2) + "\n")
 print(json.dumps(out))

@@ -7,7 +7,12 @@
 #                                                                # CPU machine: stage 1, 40 min of data + 47 min of
 #                                                                # training; stage 2, 25 min of data + 25 min of
 #                                                                # fine-tuning (about 2 h 20 min in all)
-#   DEVICE=cuda bash training/recipes/smollm2-135m.sh OUT_DIR    # one GPU: bigger batches, more data
+#   DEVICE=cuda bash training/recipes/smollm2-135m.sh OUT_DIR    # what produced them on one H200 GPU: stage 1,
+#                                                                # 2.5 min of data (813k answer tokens) + 2.4 min of
+#                                                                # training (720 steps, 20 epochs); stage 2 answers
+#                                                                # the rest of the same prompts (--resume; 2.13M
+#                                                                # tokens in all) + 2.4 min of fine-tuning on all of
+#                                                                # it (about 12 min in all, model loads included)
 #
 # The shipped drafters are OUT_DIR/ft/KIND (stage 1 alone leaves OUT_DIR/KIND): copy
 # {config.json,model.safetensors,training_args.json} from there to ship them.
@@ -17,7 +22,9 @@
 # not reach; default 0), FEATURE_CACHE=1 (keep the first epoch's target features on disk, a few GB, and read them
 # back in later epochs), TRAIN_MIN (minutes of training), FT_DATA_S and FT_MIN (stage 2's seconds of data and
 # minutes of fine-tuning; FT_DATA_S=0 skips stage 2), DATA_ARGS / FT_DATA_ARGS / TRAIN_ARGS (replace the device's
-# default arguments of each stage), SPECRAY (how to call the CLI; default `specray`).
+# default arguments of each stage), FT_RESUME=1 (stage 2 answers the rest of stage 1's prompts instead of a fresh
+# draw, and fine-tunes on all the answers; the GPU default), DTYPE (default auto), SPECRAY (how to call the CLI;
+# default `specray`).
 # The shipped drafters' data was built without Debian's `python3-doc` (passages: stdlib docstrings only); with it
 # installed the passage pool holds paragraphs of the Python manual too, and the prompts differ.
 # A larger stage 1 (DATA_S=3300 MORE_S=1500 TRAIN_MIN=45, --builtin 7000, python3-doc installed: 1.03M training
@@ -31,6 +38,7 @@ DEVICE=${DEVICE:-cpu}
 KINDS=${KINDS:-dspark,eagle,mtp1}
 SPECRAY=${SPECRAY:-specray}
 MORE_S=${MORE_S:-0}
+DTYPE=${DTYPE:-auto}  # the target's dtype while answering: auto = bf16 on GPUs and CPUs with native bf16, else fp32
 if [ "$DEVICE" = cpu ]; then
   DATA_S=${DATA_S:-2400}; TRAIN_MIN=${TRAIN_MIN:-47}; FT_DATA_S=${FT_DATA_S:-1500}; FT_MIN=${FT_MIN:-25}
   DATA_ARGS=${DATA_ARGS:-"--builtin 6000 --self-instruct 0 --batch-size 64"}
@@ -38,9 +46,10 @@ if [ "$DEVICE" = cpu ]; then
   TRAIN_ARGS=${TRAIN_ARGS:-"--batch-tokens 4096 --eval-every 40 --eval-batches 3 --epochs 10"}
   FT_CACHE_ARGS="--feature-cache $OUT/feature-cache-ft"  # stage 2: ~2.5 GB here, reused after epoch 1, then deleted
 else
-  DATA_S=${DATA_S:-600}; TRAIN_MIN=${TRAIN_MIN:-20}; FT_DATA_S=${FT_DATA_S:-300}; FT_MIN=${FT_MIN:-10}
-  DATA_ARGS=${DATA_ARGS:-"--builtin 10000 --self-instruct 3000 --batch-size 384"}
-  FT_DATA_ARGS=${FT_DATA_ARGS:-"--builtin 16000 --seed 1 --self-instruct 3000 --batch-size 384"}
+  DATA_S=${DATA_S:-150}; TRAIN_MIN=${TRAIN_MIN:-4.5}; FT_DATA_S=${FT_DATA_S:-185}; FT_MIN=${FT_MIN:-2.4}
+  FT_RESUME=${FT_RESUME:-1}  # stage 2 answers the prompts stage 1 did not reach and fine-tunes on all the answers
+  DATA_ARGS=${DATA_ARGS:-"--builtin 16000 --seed 2 --self-instruct 0 --batch-size 768"}
+  FT_DATA_ARGS=${FT_DATA_ARGS:-"--builtin 16000 --seed 1 --self-instruct 0 --batch-size 768"}
   TRAIN_ARGS=${TRAIN_ARGS:-"--batch-tokens 32768 --eval-every 100 --epochs 20"}
   FT_CACHE_ARGS=""
 fi
@@ -50,10 +59,10 @@ fi
 CACHE_ARGS=""; if [ -n "${FEATURE_CACHE:-}" ]; then CACHE_ARGS="--feature-cache $OUT/feature-cache"; fi
 mkdir -p "$OUT"
 if [ ! -f "$OUT/data/train.jsonl" ]; then
-  $SPECRAY data --target "$TARGET" --device "$DEVICE" --dtype bf16 $DATA_ARGS --max-new-tokens 256 \
+  $SPECRAY data --target "$TARGET" --device "$DEVICE" --dtype "$DTYPE" $DATA_ARGS --max-new-tokens 256 \
     --time-budget-s "$DATA_S" --out "$OUT/data" 2>&1 | tee "$OUT/data.log"
   if [ "$MORE_S" != 0 ]; then  # the rest of the corpus, skipping the prompts already answered
-    $SPECRAY data --resume --target "$TARGET" --device "$DEVICE" --dtype bf16 $DATA_ARGS --max-new-tokens 256 \
+    $SPECRAY data --resume --target "$TARGET" --device "$DEVICE" --dtype "$DTYPE" $DATA_ARGS --max-new-tokens 256 \
       --time-budget-s "$MORE_S" --out "$OUT/data" 2>&1 | tee -a "$OUT/data.log"
   fi
 fi
@@ -63,11 +72,17 @@ $SPECRAY train --target "$TARGET" --drafter "$KINDS" --data "$OUT/data" --out "$
   --time-budget-min "$TRAIN_MIN" $TRAIN_ARGS $CACHE_ARGS 2>&1 | tee "$OUT/train.log"
 [ "$FT_DATA_S" = 0 ] && exit 0
 
-# stage 2: answers to a fresh draw of prompts (another seed), then fine-tune every head from stage 1's weights
-if [ ! -f "$OUT/data-ft/train.jsonl" ]; then
-  $SPECRAY data --target "$TARGET" --device "$DEVICE" --dtype bf16 $FT_DATA_ARGS --max-new-tokens 256 \
-    --time-budget-s "$FT_DATA_S" --out "$OUT/data-ft" 2>&1 | tee "$OUT/data-ft.log"
+# stage 2: answers to a fresh draw of prompts (another seed), or with FT_RESUME=1 to the rest of stage 1's prompts
+# (all stage 1's answers kept), then fine-tune every head from stage 1's weights
+FT_DATA="$OUT/data-ft"
+if [ "${FT_RESUME:-0}" = 1 ]; then
+  FT_DATA="$OUT/data"
+  $SPECRAY data --resume --target "$TARGET" --device "$DEVICE" --dtype "$DTYPE" $DATA_ARGS --max-new-tokens 256 \
+    --time-budget-s "$FT_DATA_S" --out "$FT_DATA" 2>&1 | tee "$OUT/data-ft.log"
+elif [ ! -f "$FT_DATA/train.jsonl" ]; then
+  $SPECRAY data --target "$TARGET" --device "$DEVICE" --dtype "$DTYPE" $FT_DATA_ARGS --max-new-tokens 256 \
+    --time-budget-s "$FT_DATA_S" --out "$FT_DATA" 2>&1 | tee "$OUT/data-ft.log"
 fi
-$SPECRAY train --target "$TARGET" --drafter "$KINDS" --data "$OUT/data-ft" --out "$FT" --device "$DEVICE" \
+$SPECRAY train --target "$TARGET" --drafter "$KINDS" --data "$FT_DATA" --out "$FT" --device "$DEVICE" \
   --init "$OUT" --lr 5e-4 --warmup 20 --time-budget-min "$FT_MIN" $TRAIN_ARGS $FT_CACHE_ARGS 2>&1 | tee "$OUT/ft.log"
 rm -rf "$OUT/feature-cache-ft"

@@ -65,7 +65,7 @@ def cache_dir() -> Path:
 def fast_bf16(device: str | torch.device = "cpu") -> bool:
     """Whether bf16 matrix products run at full speed here: any CUDA GPU that supports bf16, or a CPU with AVX512-BF16
     or AMX. Without them (AVX2-only CPUs, e.g. many AMD EPYC and laptop parts) torch emulates bf16 products, which
-    measured ~40x slower than fp32 on one such machine (README, "Measured")."""
+    took 77x as long as in fp32 on one such machine (a 1024 x 1024 x 1024 product, one thread: 2.59 s vs 33.8 ms)."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()

@@ -27,7 +27,7 @@ from workers.engine.draft_client import InProcessDraftClient
 from workers.engine.engine import SpecEngine
 from workers.engine.prompting import encode_prompt
 from workers.engine.sequence import Request
-from workers.models.loader import load_model
+from workers.models.loader import load_model, resolve_dtype
 from workers.params import SamplingParams
 
 
@@ -70,14 +70,15 @@ def expected_calibration_error(pairs: list[tuple[float, int]], bins: int = 10) -
     return err
 
 
-def run_eval(target: str, drafts: list[str], prompts: list[dict], k: int, max_tokens: int, dtype: str = "bf16",
+def run_eval(target: str, drafts: list[str], prompts: list[dict], k: int, max_tokens: int, dtype: str = "auto",
              temperature: float = 0.0, chat: bool = True, rows_path: str | None = None, seed: int = 0,
              max_model_len: int = 4096, min_confidence: float | list[float | None] | None = None,
              threads: int | None = None, tree_width: int | list[int] = 1,
-             progress: bool = True) -> dict:
+             progress: bool = True, device: str = "cpu") -> dict:
     if threads:
         torch.set_num_threads(threads)
-    lm = load_model(target, dtype)
+    dtype = resolve_dtype(dtype, device)
+    lm = load_model(target, dtype, device=device)
     bars = [min_confidence] if isinstance(min_confidence, (int, float)) or min_confidence is None \
         else list(min_confidence)
     engines, clients, specs = {}, {}, []
@@ -140,7 +141,7 @@ def run_eval(target: str, drafts: list[str], prompts: list[dict], k: int, max_to
         if out_rows:
             out_rows.close()
     base = stats["none"]["tokens"] / stats["none"]["wall"]
-    result = {"target": target, "dtype": dtype, "k": k, "temperature": temperature, "max_tokens": max_tokens,
+    result = {"target": target, "dtype": dtype, "device": str(device), "k": k, "temperature": temperature, "max_tokens": max_tokens,
               "num_prompts": len(prompts), "threads": torch.get_num_threads(), "drafters": {}}
     for spec in specs:
         st = stats[spec]
@@ -193,7 +194,8 @@ def run_eval_cmd(args) -> int:
     rows = load_prompts(args.prompts)[: args.limit]
     result = run_eval(args.target, args.draft, rows, args.k, args.max_tokens, dtype=args.dtype,
                       temperature=args.temperature, chat=not args.no_chat, rows_path=args.rows, seed=args.seed,
-                      min_confidence=args.min_confidence, threads=args.threads, tree_width=args.tree_width)
+                      min_confidence=args.min_confidence, threads=args.threads, tree_width=args.tree_width,
+                      device=args.device)
     text = json.dumps(result, indent=2)
     if args.json_out:
         Path(args.json_out).write_text(text + "\n")
@@ -266,6 +268,7 @@ def add_eval_parser(sub) -> None:
                         "several values evaluate each learned drafter at each. KIND+treeW sets one drafter's own")
     p.add_argument("--no-chat", action="store_true", help="feed prompts raw instead of through the chat template")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="torch device of the target and drafters: cpu, cuda, cuda:1, ...")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", dest="json_out", help="write the summary here")
     p.add_argument("--rows", help="write one JSONL row per (drafter, prompt) here")

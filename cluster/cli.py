@@ -1,7 +1,7 @@
 """The `specray` command line: generate, bench, serve.
 
     specray generate --target NAME|PATH [--draft none|ngram|model:PATH|KIND:PATH] [--k N] [--temperature T]
-                     [--top-p P] [--top-k K] [--seed S] [--max-tokens N] [--dtype fp32|bf16]
+                     [--top-p P] [--top-k K] [--seed S] [--max-tokens N] [--dtype auto|fp32|bf16]
                      (--prompt TEXT | --prompts FILE.jsonl) [--chat] [--json OUT.jsonl]
     specray bench offline --target ... --drafts none,ngram[,...] [--peers hf_generate,hf_assisted]
                      --prompts FILE --max-tokens N [--dtype] [--chat] --json OUT.json

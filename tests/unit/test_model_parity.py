@@ -192,3 +192,23 @@ def test_attend_folds_grouped_queries_exactly(heads, kv, T, masked):
         mask = (torch.arange(L)[None, None, :] <= pos[:, :, None])[:, None]  # [B, 1, T, L]
     want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=heads != kv)
     torch.testing.assert_close(attend(q, k, v, mask), want, rtol=1e-5, atol=1e-6)
+
+
+def test_attend_accepts_a_non_contiguous_attention_output(monkeypatch):
+    """CUDA's fused attention kernels return their output in a transposed (non-contiguous) layout; attend must not
+    assume CPU's contiguous one (a .view there crashed the first GPU forward). Simulated here on CPU."""
+    import workers.models.decoder as decoder
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def transposed_layout(q, k, v, **kw):  # same values, stored as [B, T, heads, hd] like the flash kernel's output
+        out = sdpa(q, k, v, **kw)
+        return out.transpose(1, 2).contiguous().transpose(1, 2)
+
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 9, 4, 16, generator=g)
+    k, v = torch.randn(2, 3, 7, 16, generator=g), torch.randn(2, 3, 7, 16, generator=g)
+    want = decoder.attend(q, k, v, None)
+    monkeypatch.setattr(decoder.F, "scaled_dot_product_attention", transposed_layout)
+    assert not transposed_layout(q.reshape(2, 3, 12, 16), k, v).is_contiguous()
+    torch.testing.assert_close(decoder.attend(q, k, v, None), want)

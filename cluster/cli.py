@@ -25,20 +25,22 @@ DEFAULT_TARGET = "smollm2-135m"
 
 def _add_setup_comparison_args(p: argparse.ArgumentParser, draft: str, k: int) -> None:
     """What the benches comparing in-process and disaggregated setups share."""
+    from workers.models.loader import DTYPE_HELP
+
     p.add_argument("--target", default=DEFAULT_TARGET)
     p.add_argument("--draft", default=draft)
     p.add_argument("--k", type=int, default=k)
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="auto (default): bf16 on GPUs and CPUs with native bf16 (AVX512-BF16, AMX), else fp32")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help=DTYPE_HELP)
     p.add_argument("--threads", type=int, default=1, help="torch threads of the target in every setup")
     p.add_argument("--prompts", required=True)
     p.add_argument("--limit", type=int, default=None)
 
 
 def _add_model_args(p: argparse.ArgumentParser, draft_default: str = "none") -> None:
+    from workers.models.loader import DTYPE_HELP
+
     p.add_argument("--target", default=DEFAULT_TARGET, help="model name, .gguf file, HF directory or cached HF id")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="auto (default): bf16 on GPUs and CPUs with native bf16 (AVX512-BF16, AMX), else fp32")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help=DTYPE_HELP)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--max-model-len", type=int, default=4096, help="context length served (<= the model's)")
 

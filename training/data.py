@@ -42,7 +42,7 @@ from training.prompts import (bench_prompt_keys, build_prompts, clean_self_instr
 from workers.engine.prompting import encode_prompt
 from workers.models.decoder import Decoder
 from workers.models.kv_cache import KVCache
-from workers.models.loader import LoadedModel
+from workers.models.loader import DTYPE_HELP, LoadedModel
 from workers.verify.sampling import filter_logits_to_probs
 
 log = logging.getLogger(__name__)
@@ -529,7 +529,7 @@ def run_data(args) -> int:
 def add_data_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("data", help="generate drafter training data: the target's answers to a prompt corpus")
     p.add_argument("--target", default="smollm2-135m", help="model name, .gguf file, HF directory or cached HF id")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="auto (default): bf16 on GPUs and CPUs with native bf16, else fp32")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help=DTYPE_HELP)
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
     p.add_argument("--prompts", nargs="+", metavar="FILE",
                    help='JSONL files with a "prompt" field per row, or text files with one prompt per line')

@@ -27,7 +27,7 @@ from workers.engine.draft_client import InProcessDraftClient
 from workers.engine.engine import SpecEngine
 from workers.engine.prompting import encode_prompt
 from workers.engine.sequence import Request
-from workers.models.loader import load_model, resolve_dtype
+from workers.models.loader import DTYPE_HELP, load_model, resolve_dtype
 from workers.params import SamplingParams
 
 
@@ -141,8 +141,8 @@ def run_eval(target: str, drafts: list[str], prompts: list[dict], k: int, max_to
         if out_rows:
             out_rows.close()
     base = stats["none"]["tokens"] / stats["none"]["wall"]
-    result = {"target": target, "dtype": dtype, "device": str(device), "k": k, "temperature": temperature, "max_tokens": max_tokens,
-              "num_prompts": len(prompts), "threads": torch.get_num_threads(), "drafters": {}}
+    result = {"target": target, "dtype": dtype, "device": str(device), "k": k, "temperature": temperature,
+              "max_tokens": max_tokens, "num_prompts": len(prompts), "threads": torch.get_num_threads(), "drafters": {}}
     for spec in specs:
         st = stats[spec]
         tps = st["tokens"] / st["wall"]
@@ -259,7 +259,7 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--k", type=int, default=7, help="draft tokens per step (mtp1 always drafts 1)")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="auto (default): bf16 on GPUs and CPUs with native bf16, else fp32")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help=DTYPE_HELP)
     p.add_argument("--min-confidence", type=_bars, default=None, metavar="P[,P...]",
                    help="eagle, dspark: end a draft after the token where its predicted survival falls below P "
                         "(0: never; default: the drafter's own). Several values evaluate each drafter at each")

@@ -425,6 +425,8 @@ def run_train(args) -> int:
 
 
 def add_train_parser(sub) -> None:
+    from workers.models.loader import DTYPE_HELP
+
     p = sub.add_parser("train", help="train a drafter (mtp1, eagle, dspark heads, or a distilled small LM: model) "
                                       "on data from `specray data`")
     p.add_argument("--target", default="smollm2-135m")
@@ -437,7 +439,7 @@ def add_train_parser(sub) -> None:
     p.add_argument("--data", required=True, help="directory written by `specray data`")
     p.add_argument("--out", required=True, help="checkpoint directory")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--target-dtype", default="auto", choices=["auto", "bf16", "fp32"], help="auto (default): bf16 on GPUs and CPUs with native bf16, else fp32")
+    p.add_argument("--target-dtype", default="auto", choices=["auto", "bf16", "fp32"], help=DTYPE_HELP)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: --epochs)")
     p.add_argument("--time-budget-min", type=float, default=0, help="stop (and save) after this many minutes")

@@ -40,3 +40,21 @@ def test_recipe_runs_on_a_tiny_target(tiny_llama, tmp_path):
         assert args["init"] == str(out) and args["data"] == str(out / "data-ft")
         assert (out / "ft" / kind / "model.safetensors").read_bytes() != (out / kind / "model.safetensors").read_bytes()
     assert not (out / "feature-cache-ft").exists()  # stage 2's cache is deleted at the end
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a bash script")
+def test_recipe_stage2_can_resume_stage1_prompts(tiny_llama, tmp_path):
+    """FT_RESUME=1 (the GPU default): stage 2 answers the rest of stage 1's prompts into the same data directory and
+    fine-tunes on all of it, with no fresh draw."""
+    env = dict(os.environ, TARGET=str(tiny_llama), DATA_S="10", TRAIN_MIN="0.05", FT_DATA_S="8", FT_MIN="0.05",
+               FT_RESUME="1", SPECRAY=f"{sys.executable} -m cluster.cli", PYTHONUNBUFFERED="1")
+    out = tmp_path / "run"
+    proc = subprocess.run(["bash", str(RECIPE), str(out)], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=RECIPE.parents[2])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    meta = json.loads((out / "data" / "meta.json").read_text())
+    assert meta["arguments"]["resume"] and meta["earlier_runs"]  # stage 2 resumed stage 1's data
+    assert not (out / "data-ft").exists()
+    for kind in ("dspark", "eagle", "mtp1"):
+        args = json.loads((out / "ft" / kind / "training_args.json").read_text())
+        assert args["init"] == str(out) and args["data"] == str(out / "data")

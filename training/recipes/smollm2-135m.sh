@@ -57,13 +57,16 @@ if [ -n "${PROMPTS:-}" ]; then
   DATA_ARGS="$DATA_ARGS --prompts $PROMPTS --builtin 0"; FT_DATA_ARGS="$FT_DATA_ARGS --prompts $PROMPTS --builtin 0"
 fi
 CACHE_ARGS=""; if [ -n "${FEATURE_CACHE:-}" ]; then CACHE_ARGS="--feature-cache $OUT/feature-cache"; fi
+answer() {  # answer SECONDS DIR ARGS...: the target's answers to a prompt corpus (ARGS), for at most SECONDS, into DIR
+  local seconds=$1 dir=$2; shift 2
+  $SPECRAY data --target "$TARGET" --device "$DEVICE" --dtype "$DTYPE" --max-new-tokens 256 \
+    --time-budget-s "$seconds" --out "$dir" "$@"
+}
 mkdir -p "$OUT"
 if [ ! -f "$OUT/data/train.jsonl" ]; then
-  $SPECRAY data --target "$TARGET" --device "$DEVICE" --dtype "$DTYPE" $DATA_ARGS --max-new-tokens 256 \
-    --time-budget-s "$DATA_S" --out "$OUT/data" 2>&1 | tee "$OUT/data.log"
+  answer "$DATA_S" "$OUT/data" $DATA_ARGS 2>&1 | tee "$OUT/data.log"
   if [ "$MORE_S" != 0 ]; then  # the rest of the corpus, skipping the prompts already answered
-    $SPECRAY data --resume --target "$TARGET" --device "$DEVICE" --dtype "$DTYPE" $DATA_ARGS --max-new-tokens 256 \
-      --time-budget-s "$MORE_S" --out "$OUT/data" 2>&1 | tee -a "$OUT/data.log"
+    answer "$MORE_S" "$OUT/data" --resume $DATA_ARGS 2>&1 | tee -a "$OUT/data.log"
   fi
 fi
 ONE=""; case "$KINDS" in *,*) ;; *) ONE="/$KINDS" ;; esac  # one kind writes to --out itself
@@ -77,11 +80,9 @@ $SPECRAY train --target "$TARGET" --drafter "$KINDS" --data "$OUT/data" --out "$
 FT_DATA="$OUT/data-ft"
 if [ "${FT_RESUME:-0}" = 1 ]; then
   FT_DATA="$OUT/data"
-  $SPECRAY data --resume --target "$TARGET" --device "$DEVICE" --dtype "$DTYPE" $DATA_ARGS --max-new-tokens 256 \
-    --time-budget-s "$FT_DATA_S" --out "$FT_DATA" 2>&1 | tee "$OUT/data-ft.log"
+  answer "$FT_DATA_S" "$FT_DATA" --resume $DATA_ARGS 2>&1 | tee "$OUT/data-ft.log"
 elif [ ! -f "$FT_DATA/train.jsonl" ]; then
-  $SPECRAY data --target "$TARGET" --device "$DEVICE" --dtype "$DTYPE" $FT_DATA_ARGS --max-new-tokens 256 \
-    --time-budget-s "$FT_DATA_S" --out "$FT_DATA" 2>&1 | tee "$OUT/data-ft.log"
+  answer "$FT_DATA_S" "$FT_DATA" $FT_DATA_ARGS 2>&1 | tee "$OUT/data-ft.log"
 fi
 $SPECRAY train --target "$TARGET" --drafter "$KINDS" --data "$FT_DATA" --out "$FT" --device "$DEVICE" \
   --init "$OUT" --lr 5e-4 --warmup 20 --time-budget-min "$FT_MIN" $TRAIN_ARGS $FT_CACHE_ARGS 2>&1 | tee "$OUT/ft.log"

@@ -62,6 +62,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SPECRAY_CACHE", Path.home() / ".cache" / "specray"))
 
 
+DTYPE_HELP = "auto (default): bf16 on GPUs and CPUs with native bf16 (AVX512-BF16, AMX), else fp32"
+
+
 def fast_bf16(device: str | torch.device = "cpu") -> bool:
     """Whether bf16 matrix products run at full speed here: any CUDA GPU that supports bf16, or a CPU with AVX512-BF16
     or AMX. Without them (AVX2-only CPUs, e.g. many AMD EPYC and laptop parts) torch emulates bf16 products, which

@@ -30,7 +30,7 @@ def _add_setup_comparison_args(p: argparse.ArgumentParser, draft: str, k: int) -
     p.add_argument("--target", default=DEFAULT_TARGET)
     p.add_argument("--draft", default=draft)
     p.add_argument("--k", type=int, default=k)
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help=DTYPE_HELP)
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16", "fp16w"], help=DTYPE_HELP)
     p.add_argument("--threads", type=int, default=1, help="torch threads of the target in every setup")
     p.add_argument("--prompts", required=True)
     p.add_argument("--limit", type=int, default=None)
@@ -40,7 +40,7 @@ def _add_model_args(p: argparse.ArgumentParser, draft_default: str = "none") -> 
     from workers.models.loader import DTYPE_HELP
 
     p.add_argument("--target", default=DEFAULT_TARGET, help="model name, .gguf file, HF directory or cached HF id")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help=DTYPE_HELP)
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16", "fp16w"], help=DTYPE_HELP)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--max-model-len", type=int, default=4096, help="context length served (<= the model's)")
 
@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "local Ray (the embedded default)")
     s.add_argument("--config", help="YAML config (SpecrayConfig; deploy/serve.yaml's args also work)")
     s.add_argument("--target", default=None, help="target model (default: smollm2-135m)")
-    s.add_argument("--dtype", default=None, choices=["auto", "fp32", "bf16", "fp16"],
+    s.add_argument("--dtype", default=None, choices=["auto", "fp32", "bf16", "fp16", "fp16w"],
                    help="target dtype (default: the config's, auto)")
     s.add_argument("--draft", default=None, help="drafter of the draft pool (default: ngram)")
     s.add_argument("--k", type=int, default=None, help="draft tokens verified per step")

@@ -40,8 +40,9 @@ class PoolScaling(_Strict):
 
 class TargetPoolConfig(PoolScaling):
     model: str = Field("smollm2-135m", description="name, .gguf file, HF directory or cached HF id")
-    dtype: str = Field("auto", pattern="^(auto|fp32|bf16|fp16)$", description="auto: bf16 where the replica's "
-                       "device multiplies bf16 natively (GPU, AVX512-BF16/AMX CPU), else fp32")
+    dtype: str = Field("auto", pattern="^(auto|fp32|bf16|fp16|fp16w)$", description="auto: bf16 where the replica's "
+                       "device multiplies bf16 natively (GPU, AVX512-BF16/AMX CPU), else fp16w on x86 CPUs (fp16 "
+                       "weights, fp32 math), else fp32")
     tp: int = Field(1, ge=1, le=8, description="tensor-parallel ranks per replica (gloo on CPU, NCCL on GPU)")
     max_batch: int = Field(8, ge=1, description="sequences decoded together per replica")
     max_queued: int | None = Field(
@@ -59,7 +60,7 @@ class TargetPoolConfig(PoolScaling):
 class DraftPoolConfig(PoolScaling):
     drafter: str = Field("ngram", description="none | ngram[:N] | model:PATH | mtp1|eagle|dspark[:PATH] (no PATH: "
                          "the drafter shipped for the target)")
-    dtype: str = Field("fp32", pattern="^(auto|fp32|bf16|fp16)$")
+    dtype: str = Field("fp32", pattern="^(auto|fp32|bf16|fp16|fp16w)$")
     max_sequences: int = Field(256, ge=1, description="sequences one draft replica serves at once")
     max_model_sequences: int = Field(16, ge=1, description="cap for drafters with a KV cache (model, learned): "
                                                            "each sequence holds a preallocated KV slot")

@@ -33,6 +33,15 @@ def _hosts(cfg: SpecrayConfig) -> tuple[str, str]:
     return ("127.0.0.1" if cfg.advertise_host in ("127.0.0.1", "localhost") else "0.0.0.0"), cfg.advertise_host
 
 
+def _pack_if_fp16w(model, dtype: str) -> None:
+    """fp16w packs weights after the tensor-parallel split (packed matrices cannot be sliced)."""
+    from workers.models.loader import resolve_dtype
+    from workers.models.packed import pack_fp16_weights
+
+    if resolve_dtype(dtype) == "fp16w":
+        pack_fp16_weights(model)
+
+
 def _replica_id(kind: str) -> str:
     try:
         return f"{kind}-{serve.get_replica_context().replica_id.unique_id}"
@@ -124,9 +133,10 @@ class TPFollower:
 
         cfg = SpecrayConfig.model_validate(config)
         torch.set_num_threads(cfg.target.threads)
-        lm = load_model(cfg.target.model, cfg.target.dtype)
+        lm = load_model(cfg.target.model, cfg.target.dtype, pack=False)
         init_process_group(rank, world, "127.0.0.1", port)
         apply_tensor_parallel(lm.model, rank, world)
+        _pack_if_fp16w(lm.model, cfg.target.dtype)
         try:
             return follower_loop(lm.model)
         finally:
@@ -167,7 +177,7 @@ class TargetPool:
         tls = cfg.grpc_tls()
         t = cfg.target
         torch.set_num_threads(t.threads)
-        lm = load_model(t.model, t.dtype)
+        lm = load_model(t.model, t.dtype, pack=t.tp == 1)  # a TP shard is packed after the split
         self.leader = None
         self.followers: list = []
         if t.tp > 1:  # this replica is rank 0 of its TP group; ranks 1.. follow the step plans it broadcasts
@@ -177,6 +187,7 @@ class TargetPool:
             self.followers, port = _start_followers(config, t.tp, t.threads)
             init_process_group(0, t.tp, "127.0.0.1", port)
             apply_tensor_parallel(lm.model, 0, t.tp)
+            _pack_if_fp16w(lm.model, t.dtype)
             self.leader = TPLeader(lm.model)
         self.drafts = MultiDraftClient(k=t.num_draft_tokens, max_wait_s=t.max_draft_wait_ms / 1e3, tls=tls)
         engine = SpecEngine(lm, self.drafts, max_batch=t.max_batch, max_model_len=t.max_model_len,

@@ -529,7 +529,7 @@ def run_data(args) -> int:
 def add_data_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("data", help="generate drafter training data: the target's answers to a prompt corpus")
     p.add_argument("--target", default="smollm2-135m", help="model name, .gguf file, HF directory or cached HF id")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help=DTYPE_HELP)
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16w"], help=DTYPE_HELP)
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
     p.add_argument("--prompts", nargs="+", metavar="FILE",
                    help='JSONL files with a "prompt" field per row, or text files with one prompt per line')

@@ -259,7 +259,7 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--k", type=int, default=7, help="draft tokens per step (mtp1 always drafts 1)")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help=DTYPE_HELP)
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32", "fp16w"], help=DTYPE_HELP)
     p.add_argument("--min-confidence", type=_bars, default=None, metavar="P[,P...]",
                    help="eagle, dspark: end a draft after the token where its predicted survival falls below P "
                         "(0: never; default: the drafter's own). Several values evaluate each drafter at each")

@@ -274,7 +274,7 @@ def train(args) -> dict:
     data = Path(args.data)
     if not (data / "train.jsonl").is_file():
         raise ValueError(f"{data} has no train.jsonl; make one with `specray data --out {data}`")
-    tdtype = resolve_dtype(args.target_dtype, device)
+    tdtype = resolve_dtype(args.target_dtype, device, inference=False)
     lm = load_model(args.target, tdtype, device=str(device))
     target = lm.model.eval()
     eos = lm.eos_token_ids[0] if lm.eos_token_ids else None

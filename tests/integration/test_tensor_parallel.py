@@ -35,6 +35,7 @@ from workers.engine.tp_group import TPLeader, follower_loop, init_process_group
 from workers.models.config import ModelArgs
 from workers.models.loader import load_model
 from workers.models.tp import apply_tensor_parallel, plan_shard, split_sizes
+from workers.models.packed import fp16w_supported, pack_fp16_weights
 from workers.wire import free_port
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -159,6 +160,8 @@ def _world_rank(rank: int, world: int, dirs: dict[str, str], out: str) -> None:
     with the leader's SHUTDOWN, so the same process group carries several leaders in turn."""
     _parity_rank(rank, world, dirs, out)
     _engine_rank(rank, world, dirs["llama"], out)
+    if fp16w_supported():
+        _engine_rank(rank, world, dirs["llama"], out, dtype="fp16w")
 
 
 @pytest.fixture(scope="module")
@@ -270,9 +273,11 @@ def _summary(seqs) -> list[dict]:
     return [{"out": s.output_ids, "drafted": s.num_draft_tokens, "accepted": s.num_accepted_tokens} for s in seqs]
 
 
-def _engine_rank(rank: int, world: int, path: str, out: str) -> None:
-    loaded = load_model(path)
+def _engine_rank(rank: int, world: int, path: str, out: str, dtype: str = "fp32") -> None:
+    loaded = load_model(path, dtype, pack=False)
     apply_tensor_parallel(loaded.model, rank, world)
+    if dtype == "fp16w":  # packed after the split, as a TP replica does
+        pack_fp16_weights(loaded.model)
     if rank == 0:
         leader = TPLeader(loaded.model)
         try:
@@ -282,16 +287,19 @@ def _engine_rank(rank: int, world: int, path: str, out: str) -> None:
             leader.shutdown()
     else:
         result = {"counts": follower_loop(loaded.model)}  # the cache is sized from the leader's first plan
-    (Path(out) / f"engine-{rank}.json").write_text(json.dumps(result))
+    (Path(out) / f"engine-{dtype}-{rank}.json").write_text(json.dumps(result))
 
 
-def test_spec_engine_greedy_tp2_is_token_identical_to_tp1(tp_world):
+@pytest.mark.parametrize("dtype", ["fp32", "fp16w"])
+def test_spec_engine_greedy_tp2_is_token_identical_to_tp1(tp_world, dtype):
+    if dtype == "fp16w" and not fp16w_supported():
+        pytest.skip("this torch build has no fbgemm (not x86-64)")
     out, dirs = tp_world
-    loaded = load_model(dirs["llama"])
+    loaded = load_model(dirs["llama"], dtype)
     ref = _summary(_engine(loaded).run(_requests(loaded.tokenizer)))
     drafted, accepted = sum(s["drafted"] for s in ref), sum(s["accepted"] for s in ref)
     assert 0 < accepted < drafted  # drafts both kept and rejected: the run exercises rollbacks
-    lead, follow = (json.loads((out / f"engine-{r}.json").read_text()) for r in range(WORLD))
+    lead, follow = (json.loads((out / f"engine-{dtype}-{r}.json").read_text()) for r in range(WORLD))
     assert lead["seqs"] == ref
     assert follow["counts"] == {"forward": lead["steps"], "sync_lengths": 0, "compact": 0}
     assert lead["steps"] > len(PROMPTS)

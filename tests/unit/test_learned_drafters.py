@@ -438,3 +438,21 @@ def test_dspark_serving_block_equals_the_training_path(target, trained):
             out = drafter._block_outputs([ctx], [st], [a], [K])
             torch.testing.assert_close(out[0], ref, atol=1e-4, rtol=1e-4)
             drafter.cache.rollback(st.slot, a + 1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_learned_drafters_on_an_fp16w_target_stay_exact(tiny_llama, trained, kind):
+    """fp16w (fp16 weights packed for fbgemm, workers/models/packed.py): the head scores its draft vocabulary with
+    packed rows too, and greedy output still equals the fp16w target's own."""
+    from workers.models.packed import fp16w_supported
+
+    if not fp16w_supported():
+        pytest.skip("this torch build has no fbgemm (not x86-64)")
+    target = load_model(str(tiny_llama), "fp16w")
+    ids = [target.tokenizer.encode(p) for p in PROMPTS]
+    ref = [s.output_ids for s in _engine(target, None).run(_requests(ids, 0))]
+    drafter = build_drafter(f"{kind}:{trained[kind]}", target, max_batch=8, max_model_len=MAX_LEN)
+    assert drafter.head._lm_packed is not None
+    seqs = _engine(target, drafter).run(_requests(ids, 4))
+    assert [s.output_ids for s in seqs] == ref
+    assert sum(s.num_accepted_tokens for s in seqs) > 0.5 * sum(s.num_draft_tokens for s in seqs)

@@ -137,6 +137,7 @@ class DraftHead(nn.Module):
         self.register_buffer("draft_vocab", torch.arange(vocab, dtype=torch.long))  # [Vd] target token ids
         self._embed: torch.Tensor | None = None  # [V, d] the target's embedding (not a parameter)
         self._lm: torch.Tensor | None = None  # [Vd, d] the target's LM head rows for the draft vocabulary
+        self._lm_packed: nn.Module | None = None  # the same rows packed in fp16, when the target is fp16w
         self._embed_scale = 1.0
 
     # --- the target's shared weights ---------------------------------------------------------------------------
@@ -153,6 +154,11 @@ class DraftHead(nn.Module):
         self._embed = target.embed_tokens.weight.detach()
         self._embed_scale = a.embed_scale
         self._lm = target.lm_head_weight().detach()[self.draft_vocab.to(target.device)].to(dev)
+        self._lm_packed = None
+        if target.packed_lm_head is not None:  # fp16w target: score the draft vocabulary the same way
+            from workers.models.packed import PackedLinear
+
+            self._lm_packed = PackedLinear(self._lm)
 
     def set_draft_vocab(self, token_ids: torch.Tensor) -> None:
         self.draft_vocab = token_ids.to(self.draft_vocab.device, torch.long)
@@ -163,6 +169,8 @@ class DraftHead(nn.Module):
 
     def logits(self, z: torch.Tensor) -> torch.Tensor:  # [..., d] -> [..., Vd] float32 over the draft vocabulary
         h = self.norm(z)
+        if self._lm_packed is not None and not torch.is_grad_enabled():
+            return self._lm_packed(h)
         return F.linear(h, self._lm.to(h.dtype)).float()
 
     # --- inputs ------------------------------------------------------------------------------------------------

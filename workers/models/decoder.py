@@ -167,6 +167,7 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(Block(args, i) for i in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, args.gemma_norm)
         self.lm_head = None if args.tie_word_embeddings else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.packed_lm_head: nn.Module | None = None  # fp16w: set by workers.models.packed.pack_fp16_weights
         self._rope_tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
@@ -205,7 +206,8 @@ class Decoder(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head: [..., d] -> [..., V] float32."""
-        out = F.linear(self.norm(h), self.lm_head_weight()).float()
+        h = self.norm(h)
+        out = (F.linear(h, self.lm_head_weight()) if self.packed_lm_head is None else self.packed_lm_head(h)).float()
         cap = self.args.final_logit_softcapping
         if cap:
             out = torch.tanh(out / cap) * cap

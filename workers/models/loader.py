@@ -32,7 +32,8 @@ from workers.models.decoder import Decoder
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
+          "fp16": torch.float16, "float16": torch.float16,
+          "fp16w": torch.float32}  # fp16 weights, fp32 activations (workers/models/packed.py); CPU only
 
 # short name -> (python module holding the GGUF, pip requirement to name in errors)
 PACKAGED_MODELS = {
@@ -62,7 +63,8 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SPECRAY_CACHE", Path.home() / ".cache" / "specray"))
 
 
-DTYPE_HELP = "auto (default): bf16 on GPUs and CPUs with native bf16 (AVX512-BF16, AMX), else fp32"
+DTYPE_HELP = ("auto (default): bf16 on GPUs and CPUs with native bf16 (AVX512-BF16, AMX); on other x86 CPUs fp16w "
+              "(fp16 weights, fp32 math, fbgemm: ~2x fp32's speed); else fp32")
 
 
 def fast_bf16(device: str | torch.device = "cpu") -> bool:
@@ -81,11 +83,17 @@ def fast_bf16(device: str | torch.device = "cpu") -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_dtype(name: str, device: str | torch.device = "cpu") -> str:
-    """`auto` -> `bf16` where bf16 is fast on `device` (`fast_bf16`), else `fp32`; other names unchanged."""
+def resolve_dtype(name: str, device: str | torch.device = "cpu", inference: bool = True) -> str:
+    """`auto` -> `bf16` where bf16 is fast on `device` (`fast_bf16`); else, for inference on a CPU with fbgemm,
+    `fp16w`; else `fp32`. Training (`inference=False`) never gets fp16w, whose packed products have no backward.
+    Other names unchanged."""
     if name != "auto":
         return name
-    return "bf16" if fast_bf16(device) else "fp32"
+    if fast_bf16(device):
+        return "bf16"
+    from workers.models.packed import fp16w_supported
+
+    return "fp16w" if inference and torch.device(device).type == "cpu" and fp16w_supported() else "fp32"
 
 
 def parse_dtype(name: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
@@ -94,7 +102,7 @@ def parse_dtype(name: str | torch.dtype, device: str | torch.device = "cpu") -> 
     try:
         return DTYPES[resolve_dtype(name, device)]
     except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; choose one of auto, fp32, bf16, fp16") from None
+        raise ValueError(f"unknown dtype {name!r}; choose one of auto, fp32, bf16, fp16, fp16w") from None
 
 
 def _package_dir(module: str) -> Path | None:
@@ -225,9 +233,17 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_model(name_or_path: str, dtype: str | torch.dtype = "fp32", device: str = "cpu") -> LoadedModel:
+def load_model(name_or_path: str, dtype: str | torch.dtype = "fp32", device: str = "cpu",
+               pack: bool = True) -> LoadedModel:
+    """Load a model for inference. `dtype` fp16w packs the weights (workers/models/packed.py) unless `pack` is
+    False: a caller that shards the model first (tensor parallelism) packs it afterwards."""
     from transformers import AutoConfig, AutoTokenizer
 
+    packed = isinstance(dtype, str) and resolve_dtype(dtype, device) == "fp16w"
+    if packed:
+        from workers.models.packed import require_fp16w
+
+        require_fp16w(device)
     path = resolve(name_or_path)
     hf_config = AutoConfig.from_pretrained(path)
     args = ModelArgs.from_hf_config(hf_config)
@@ -246,6 +262,10 @@ def load_model(name_or_path: str, dtype: str | torch.dtype = "fp32", device: str
     state = {k: v.to(device=device, dtype=torch_dtype) for k, v in state.items()}
     model.load_state_dict(state, assign=True)
     model.eval().requires_grad_(False)
+    if packed and pack:
+        from workers.models.packed import pack_fp16_weights
+
+        pack_fp16_weights(model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return LoadedModel(name=name_or_path, path=path, model=model, tokenizer=tokenizer,
                        eos_token_ids=_eos_ids(path, hf_config, tokenizer))

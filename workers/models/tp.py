@@ -84,9 +84,10 @@ class RowParallelLinear(nn.Module):
         self.bias = linear.bias  # [out] replicated, or None
         self.in_features, self.out_features = end - start, linear.out_features
         self.group = group
+        self.local: nn.Module | None = None  # the local product, when `pack_fp16_weights` has replaced `weight`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in_local] -> [..., out]
-        y = F.linear(x, self.weight)  # partial sum over this rank's input features
+        y = F.linear(x, self.weight) if self.local is None else self.local(x)  # partial sum over local features
         dist.all_reduce(y, op=dist.ReduceOp.SUM, group=self.group)
         return y if self.bias is None else y + self.bias
 
@@ -130,6 +131,9 @@ def apply_tensor_parallel(model: Decoder, rank: int, world: int, group=None) -> 
     """
     if getattr(model, "tp", None) is not None:
         raise ValueError("apply_tensor_parallel was already applied to this model")
+    if model.packed_lm_head is not None:
+        raise ValueError("shard the model before packing its weights (load it with pack=False, then "
+                         "apply_tensor_parallel, then pack_fp16_weights)")
     shard = plan_shard(model.args, rank, world)
     if world == 1:
         return model

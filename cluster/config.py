@@ -60,7 +60,8 @@ class TargetPoolConfig(PoolScaling):
 class DraftPoolConfig(PoolScaling):
     drafter: str = Field("ngram", description="none | ngram[:N] | model:PATH | mtp1|eagle|dspark[:PATH] (no PATH: "
                          "the drafter shipped for the target)")
-    dtype: str = Field("fp32", pattern="^(auto|fp32|bf16|fp16|fp16w)$")
+    dtype: str = Field("auto", pattern="^(auto|fp32|bf16|fp16|fp16w)$", description="of the draft model, or of the "
+                       "target's LM head rows a learned drafter scores with; auto as for the target")
     max_sequences: int = Field(256, ge=1, description="sequences one draft replica serves at once")
     max_model_sequences: int = Field(16, ge=1, description="cap for drafters with a KV cache (model, learned): "
                                                            "each sequence holds a preallocated KV slot")

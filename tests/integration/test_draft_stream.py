@@ -37,12 +37,24 @@ def _wait_empty(worker, timeout=5.0):
     return len(worker.seqs)
 
 
+class _Recording(ModelDrafter):
+    """Records how many tokens each propose asks for."""
+
+    asked: list[int]
+
+    def propose(self, requests):
+        self.asked += [r.k for r in requests]
+        return super().propose(requests)
+
+
 @pytest.mark.parametrize("ahead", [1, 2])
 @pytest.mark.parametrize("max_batch", [1, 4])
 def test_remote_self_draft_is_exact_and_fully_accepted(target, tiny_llama, ahead, max_batch):
     max_tokens = 1 + (K + 1) * 8
     ref, _ = _run(target, None, max_batch, max_tokens, k=0)
-    server, worker, port = serve_draft(ModelDrafter(load_model(str(tiny_llama))), "model:self", ahead_blocks=ahead)
+    drafter = _Recording(load_model(str(tiny_llama)))
+    drafter.asked = []
+    server, worker, port = serve_draft(drafter, "model:self", ahead_blocks=ahead)
     client = RemoteDraftClient(f"127.0.0.1:{port}", k=K, max_wait_s=2.0)
     try:
         seqs, engine = _run(target, client, max_batch, max_tokens)
@@ -51,6 +63,9 @@ def test_remote_self_draft_is_exact_and_fully_accepted(target, tiny_llama, ahead
         for s in seqs:
             assert s.num_accepted_tokens == s.num_draft_tokens and s.tau == K + 1
         assert _wait_empty(worker) == 0  # finished sequences are freed on the draft worker
+        # blocks are k + 1 tokens (a guess at the target's own token) only where a block may follow before the
+        # verdict; without run-ahead the extra token would be drafted for nothing
+        assert set(drafter.asked) == ({K} if ahead == 1 else {K + 1})
     finally:
         client.close()
         worker.stop()

@@ -4,7 +4,8 @@ Every target replica opens one `Speculate` stream to this worker and multiplexes
 drafting thread owns the drafter (drafters are not thread-safe) and, in a loop, drafts for every sequence that
 has room to run ahead, all of them in one batched `propose` call. Blocks are k + 1 tokens: the k the target will
 verify plus the draft's guess for the target's own next token, so that when a block is fully accepted and the
-guess was right, the block after it (drafted while the target was verifying) is already valid.
+guess was right, the block after it (drafted while the target was verifying) is already valid. Without run-ahead
+(`ahead_blocks` 1) nothing follows a block before its verdict, so the guess would be wasted: blocks are k tokens.
 
 Run-ahead is bounded by `ahead_blocks` blocks past the last verdict: 1 means "draft the next block only after the
 verdict on this one" (no pipelining); 2 keeps one block in flight while the target verifies the other. Epochs are
@@ -258,9 +259,12 @@ class DraftWorker(pb_grpc.DraftServiceServicer):
             self.ops.append(("release", seq_id))
 
     # --- the drafting thread -------------------------------------------------------------------------------------
+    def _block_len(self, st: _Seq) -> int:
+        return st.k + 1 if self.ahead_blocks > 1 else st.k
+
     def _ready(self) -> list[_Seq]:
         return [s for s in self.seqs.values()
-                if s.k > 0 and not s.starved and len(s.assumed) < self.ahead_blocks * (s.k + 1)]
+                if s.k > 0 and not s.starved and len(s.assumed) < self.ahead_blocks * self._block_len(s)]
 
     def _guesses(self) -> list[tuple[_Seq, int, float, list[int], bool]]:
         """Idle: the best hypothesis of every sequence that has one (one per sequence: a drafter holds one state
@@ -302,7 +306,7 @@ class DraftWorker(pb_grpc.DraftServiceServicer):
                 self._prepare(guesses)
             if not snapshot:
                 continue
-            requests = [DraftRequest(s.seq_id, ctx, s.k + 1) for s, _, _, ctx in snapshot]
+            requests = [DraftRequest(s.seq_id, ctx, self._block_len(s)) for s, _, _, ctx in snapshot]
             try:
                 trees = self.drafter.propose(requests)
             except Exception:
@@ -331,7 +335,7 @@ class DraftWorker(pb_grpc.DraftServiceServicer):
                     if probs is not None and tokens:
                         block.probs.CopyFrom(tensor_to_proto(probs[: len(tokens)].float()))
                     st.assumed += tokens
-                    if len(tokens) < st.k + 1:
+                    if len(tokens) < self._block_len(st):
                         st.starved = True  # told the target all we know; more only after the next verdict
                     self._send_block(st, block)
                     if tree is not None and st.budget == 0 and not st.prepared:

@@ -44,7 +44,8 @@ def cluster(tiny_llama, tmp_path_factory):
     cfg = load_config(None, {
         "tls": tls, "name": APP, "target.model": str(tiny_llama), "target.dtype": "fp32", "target.num_cpus": 0.5,
         "target.num_draft_tokens": K, "target.max_draft_wait_ms": 5000, "target.max_model_len": 1024,
-        "draft.drafter": f"model:{tiny_llama}", "draft.num_cpus": 0.25, "router.port": port,
+        "draft.drafter": f"model:{tiny_llama}", "draft.dtype": "fp32", "draft.num_cpus": 0.25,  # as the target's
+        "router.port": port,
     })
     launch.start_local_ray(num_cpus=2)
     url = launch.deploy(cfg, blocking_timeout_s=300)

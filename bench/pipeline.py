@@ -12,8 +12,9 @@ thread (its own core here). Setups, measured side by side on the same prompts at
     remote_ahead2  the same, and the idle worker prepares blocks for the verdicts it expects (max_hypotheses)
     with --tree-width W > 1, also:
     in_process_treeW     the in-process engine verifying the drafter's W-wide token trees
-    remote_ahead2_treeW  the worker drafting W-wide trees, streaming their first branch, preparing blocks for the
-                         other branches
+    remote_ahead1_treeW  the worker drafting W-wide trees and streaming them whole, no run-ahead
+    remote_ahead2_treeW  the same, running ahead on each tree's first branch and preparing blocks for the verdicts
+                         its other branches would give
 
 It prints one JSON object: tokens/s per setup and the ratios against in_process, with the remote client's counters
 (fallback steps, time the target waited for drafts, verdict -> next block latency) and the worker's (blocks
@@ -135,7 +136,8 @@ def run_pipeline(target_name: str, draft: str, rows: list[dict], k: int, max_tok
         remotes = [("remote_ahead1", 1, 1, 0), ("remote_ahead2_plain", 2, 1, 0), ("remote_ahead2", 2, 1, hypotheses)]
         if tree_width > 1:
             setups[f"in_process_tree{tree_width}"] = local(tree_width)
-            remotes.append((f"remote_ahead2_tree{tree_width}", 2, tree_width, hypotheses))
+            remotes += [(f"remote_ahead1_tree{tree_width}", 1, tree_width, 0),
+                        (f"remote_ahead2_tree{tree_width}", 2, tree_width, hypotheses)]
         workers = {}
         for name, ahead, width, hyps in remotes:
             proc, port = _start_worker(draft, target_name, dtype, ahead, width, hyps)
@@ -173,6 +175,11 @@ def run_pipeline(target_name: str, draft: str, rows: list[dict], k: int, max_tok
         result["ratios"] = {f"{name}_vs_in_process": round(r["tokens_per_s"] / result["setups"]["in_process"]
                                                           ["tokens_per_s"], 3)
                             for name, r in result["setups"].items() if name != "in_process"}
+        tree = f"in_process_tree{tree_width}"
+        for name, r in result["setups"].items():  # a remote tree against the same tree verified in process
+            if name.startswith("remote") and name.endswith(f"_tree{tree_width}"):
+                result["ratios"][f"{name}_vs_{tree}"] = round(r["tokens_per_s"] / result["setups"][tree]
+                                                              ["tokens_per_s"], 3)
         return result
     finally:
         for proc in procs:

@@ -71,7 +71,7 @@ class DraftPoolConfig(PoolScaling):
                                       "falls below this (0 = full blocks; default: the drafter's own)")
     tree_width: int = Field(1, ge=1, le=8, description="mtp1, eagle, dspark: draft greedy token trees this wide "
                             "(1 = chains). In process the target verifies the tree in one tree-masked forward; "
-                            "the draft pool streams the tree's first branch and prepares blocks for the others")
+                            "the draft pool streams trees whole and runs ahead on their first branch")
     max_hypotheses: int = Field(6, ge=0, le=64, description="blocks a draft replica prepares, while the target "
                                 "verifies a block, for the verdicts that block is likely to get (0 = only run ahead "
                                 "on the whole block accepted; needs ahead_blocks > 1)")

@@ -93,7 +93,7 @@ class TargetMessage(_message.Message):
     def __init__(self, start: _Optional[_Union[StartSequence, _Mapping]] = ..., verdict: _Optional[_Union[Verdict, _Mapping]] = ..., finish: _Optional[_Union[FinishSequence, _Mapping]] = ...) -> None: ...
 
 class DraftBlock(_message.Message):
-    __slots__ = ("seq_id", "epoch", "start", "tokens", "probs", "drafted_at", "prepared")
+    __slots__ = ("seq_id", "epoch", "start", "tokens", "probs", "drafted_at", "prepared", "parents")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +101,7 @@ class DraftBlock(_message.Message):
     PROBS_FIELD_NUMBER: _ClassVar[int]
     DRAFTED_AT_FIELD_NUMBER: _ClassVar[int]
     PREPARED_FIELD_NUMBER: _ClassVar[int]
+    PARENTS_FIELD_NUMBER: _ClassVar[int]
     seq_id: str
     epoch: int
     start: int
@@ -108,7 +109,8 @@ class DraftBlock(_message.Message):
     probs: Tensor
     drafted_at: float
     prepared: bool
-    def __init__(self, seq_id: _Optional[str] = ..., epoch: _Optional[int] = ..., start: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., probs: _Optional[_Union[Tensor, _Mapping]] = ..., drafted_at: _Optional[float] = ..., prepared: _Optional[bool] = ...) -> None: ...
+    parents: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, seq_id: _Optional[str] = ..., epoch: _Optional[int] = ..., start: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., probs: _Optional[_Union[Tensor, _Mapping]] = ..., drafted_at: _Optional[float] = ..., prepared: _Optional[bool] = ..., parents: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DraftError(_message.Message):
     __slots__ = ("seq_id", "message")

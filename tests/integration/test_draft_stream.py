@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from workers.drafters.base import DraftProposal
 from workers.drafters.model import ModelDrafter
 from workers.engine.engine import SpecEngine
 from workers.engine.remote_draft import RemoteDraftClient
@@ -91,6 +92,43 @@ def test_a_draft_slower_than_the_target_still_contributes(target, tiny_llama):
         assert [s.output_ids for s in seqs] == [s.output_ids for s in ref]
         accepted = sum(s.num_accepted_tokens for s in seqs)
         assert accepted > 20, accepted
+    finally:
+        client.close()
+        worker.stop()
+        server.stop(0)
+
+
+class _BranchDrafter(ModelDrafter):
+    """draft == target, sent as a token tree whose first branch is wrong: the root's first child is a token the
+    target never picks, the right block hangs under its second child. Verifying only the first branch accepts
+    nothing; verifying the tree accepts every token."""
+
+    def propose(self, requests):
+        out = []
+        for r, p in zip(requests, super().propose(requests)):
+            if not p.tokens:
+                out.append(p)
+                continue
+            wrong = (p.tokens[0] + 1) % 50
+            out.append(DraftProposal([wrong] + p.tokens, parents=[-1, -1] + list(range(1, len(p.tokens)))))
+        return out
+
+
+@pytest.mark.parametrize("ahead", [1, 2])
+def test_a_streamed_token_tree_is_verified_whole(target, tiny_llama, ahead):
+    max_tokens = 1 + (K + 1) * 6
+    ref, _ = _run(target, None, 2, max_tokens, k=0)
+    server, worker, port = serve_draft(_BranchDrafter(load_model(str(tiny_llama))), "branchy", ahead_blocks=ahead)
+    client = RemoteDraftClient(f"127.0.0.1:{port}", k=K, max_wait_s=2.0)
+    try:
+        seqs, engine = _run(target, client, 2, max_tokens)
+        assert [s.output_ids for s in seqs] == [s.output_ids for s in ref]
+        assert engine.fallback_steps == 0
+        # every step took the second branch, against the first-branch assumption: a new epoch each time, and
+        # still every drafted block fully accepted
+        for s in seqs:
+            assert s.tau == K + 1, (s.tau, s.num_draft_tokens, s.num_accepted_tokens)
+        assert _wait_empty(worker) == 0
     finally:
         client.close()
         worker.stop()

@@ -250,14 +250,18 @@ def test_a_checkpoint_for_another_target_is_refused(trained, target, tmp_path):
         build_drafter(f"mtp1:{tmp_path / 'bad'}", target)
 
 
-def test_remote_draft_worker_serves_a_learned_drafter_exactly(target, trained):
-    """Through the gRPC draft stream (features sent with each verdict, run-ahead on): output identical."""
+@pytest.mark.parametrize("kind,width,ahead", [("dspark", 1, 1), ("dspark", 3, 1), ("eagle", 3, 2)])
+def test_remote_draft_worker_serves_a_learned_drafter_exactly(target, trained, kind, width, ahead):
+    """Through the gRPC draft stream (features sent with each verdict; token trees streamed whole; with and without
+    run-ahead): output identical."""
     ids = [target.tokenizer.encode(p) for p in PROMPTS[:4]]
     ref = [s.output_ids for s in _engine(target, None, max_batch=4).run(_requests(ids, 0))]
-    head = load_head(trained["dspark"])
+    head = load_head(trained[kind])
     head.attach(target.model)
-    server, worker, port = serve_draft(LearnedDrafter(head, max_batch=8, max_model_len=MAX_LEN), "dspark",
-                                       ahead_blocks=1)
+    drafter = LearnedDrafter(head, max_batch=8, max_model_len=MAX_LEN, tree_width=width)
+    server, worker, port = serve_draft(drafter, kind, ahead_blocks=ahead)
+    trees, send = [], worker._send_block
+    worker._send_block = lambda st, block: (trees.append(len(block.parents) > 0), send(st, block))
     client = RemoteDraftClient(f"127.0.0.1:{port}", k=4, max_wait_s=2.0)
     try:
         assert client.feature_layers == tuple(head.cfg.feature_layers)
@@ -265,6 +269,7 @@ def test_remote_draft_worker_serves_a_learned_drafter_exactly(target, trained):
         seqs = engine.run(_requests(ids, 4))
         assert [s.output_ids for s in seqs] == ref
         assert sum(s.num_accepted_tokens for s in seqs) > 0
+        assert any(trees) == (width > 1), sum(trees)  # trees went over the wire whole
     finally:
         client.close()
         worker.stop()

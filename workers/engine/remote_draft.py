@@ -50,6 +50,7 @@ class _SeqState:
     buffer: dict[int, int] = field(default_factory=dict)  # position -> draft token (current epoch)
     probs: dict[int, torch.Tensor] = field(default_factory=dict)  # position -> [V] draft distribution
     empty_at: int = -1  # the draft said it has nothing at this position
+    tree: tuple[int, DraftProposal] | None = None  # (start, a greedy token tree drafted there), current epoch
     sent_at: float = 0.0  # when the last verdict / start went out (draft latency accounting)
 
 
@@ -168,6 +169,9 @@ class RemoteDraftClient(DraftClient):
                 st = self.seqs.get(r.seq_id)
                 toks, probs = [], []
                 n = len(r.token_ids)
+                if st is not None and st.started == self.generation and st.tree is not None and st.tree[0] == n:
+                    out.append(st.tree[1])  # the engine cuts it to the step's budget
+                    continue
                 if st is not None and st.started == self.generation:
                     while len(toks) < r.k and (n + len(toks)) in st.buffer:
                         toks.append(st.buffer[n + len(toks)])
@@ -201,12 +205,13 @@ class RemoteDraftClient(DraftClient):
                     start.features.CopyFrom(tensor_to_proto(hidden))
                 st.started, st.epoch, st.length, st.empty_at = self.generation, 0, n, -1
                 st.buffer.clear(), st.probs.clear()
+                st.tree = None
                 st.sent_at = time.perf_counter()
                 self._send(pb.TargetMessage(start=start))
                 return
             first = n - num_new
             matched = all(st.buffer.get(first + i) == token_ids[first + i] for i in range(num_new))
-            if not matched:
+            if not matched:  # a rejection, or a verified tree that took another branch than its first
                 st.epoch += 1
                 st.buffer.clear(), st.probs.clear()
                 st.empty_at = -1
@@ -214,6 +219,8 @@ class RemoteDraftClient(DraftClient):
                 for pos in [p for p in st.buffer if p < n]:
                     del st.buffer[pos]
                     st.probs.pop(pos, None)
+            if st.tree is not None and (not matched or st.tree[0] < n):
+                st.tree = None
             st.length = n
             st.sent_at = time.perf_counter()
             msg = pb.Verdict(seq_id=seq_id, epoch=st.epoch, start=first, committed=token_ids[first:],
@@ -235,9 +242,20 @@ class RemoteDraftClient(DraftClient):
                     self.latency_ema = lat if self.latency_ema is None else 0.9 * self.latency_ema + 0.1 * lat
                 st.sent_at = 0.0
             probs = tensor_from_proto(b.probs) if b.HasField("probs") else None
-            if not b.tokens:
+            tokens = list(b.tokens)
+            if not tokens:
                 st.empty_at = b.start
-            for i, tok in enumerate(b.tokens):
+            if b.parents:  # a tree: verified whole, its first branch buffered like a chain (waits, epochs)
+                tree = DraftProposal(tokens, parents=list(b.parents))
+                if probs is not None or len(tree.parents) != len(tokens) or not tree.within(len(tokens),
+                                                                                           len(tokens)).tokens:
+                    log.warning("draft worker sent a malformed tree for %s; using none of it", b.seq_id)
+                    self.cv.notify_all()
+                    return
+                if b.start >= st.length:
+                    st.tree = (b.start, tree)
+                tokens = tree.main_chain().tokens
+            for i, tok in enumerate(tokens):
                 pos = b.start + i
                 if pos >= st.length:
                     st.buffer[pos] = tok

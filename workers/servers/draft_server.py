@@ -20,6 +20,10 @@ target picks this token instead") and the whole block accepted followed by the d
 next token, best first by the drafter's own estimate of the outcome's probability. When the verdict's committed
 context is one of them, its block goes out at once, with the verdict's epoch, instead of after a drafting round.
 Nothing on the wire changes, and a block is only ever sent for the exact context the target has committed.
+
+A drafter that drafts greedy token trees sends the whole tree (`DraftBlock.parents`), which the target verifies in
+one tree-masked forward; the worker runs ahead on the tree's first branch, and a verdict that took another branch
+is a rejection of that assumption like any other (a new epoch).
 """
 
 from __future__ import annotations
@@ -199,7 +203,9 @@ class DraftWorker(pb_grpc.DraftServiceServicer):
     def _send_prepared(self, st: _Seq) -> None:  # caller holds the lock
         """Answer a verdict with the block prepared for its committed context, if there is one."""
         prop = st.prepared.get(tuple(st.committed)) if st.prepared else None
-        tokens = prop.main_chain().tokens[: st.k + 1] if prop is not None and st.k > 0 else []
+        if prop is not None:
+            prop = prop.within(st.k + 1, len(prop.tokens))
+        tokens = prop.main_chain().tokens if prop is not None and st.k > 0 else []
         self._drop_hypotheses(st)
         if not tokens:
             return
@@ -207,9 +213,13 @@ class DraftWorker(pb_grpc.DraftServiceServicer):
         st.starved = len(tokens) < st.k + 1
         st.version += 1
         self.prepared_hits += 1
-        self._send_block(st, pb.DraftBlock(seq_id=st.seq_id, epoch=st.epoch, start=len(st.committed), tokens=tokens,
-                                           drafted_at=time.time(), prepared=True))
-        self._add_hypotheses(st, st.committed, prop, tokens)
+        streamed = prop.is_tree and prop.probs is None
+        block = pb.DraftBlock(seq_id=st.seq_id, epoch=st.epoch, start=len(st.committed),
+                              tokens=prop.tokens if streamed else tokens, drafted_at=time.time(), prepared=True)
+        if streamed:
+            block.parents.extend(prop.parents)
+        self._send_block(st, block)
+        self._add_hypotheses(st, st.committed, prop, tokens, streamed)
 
     def _send_block(self, st: _Seq, block: pb.DraftBlock) -> None:  # caller holds the lock
         st.sent_at = time.perf_counter()
@@ -222,9 +232,12 @@ class DraftWorker(pb_grpc.DraftServiceServicer):
         st.hypotheses, st.prepared, st.budget = [], {}, 0
         st.hyp_gen += 1
 
-    def _add_hypotheses(self, st: _Seq, ctx: list[int], prop: DraftProposal, block: list[int]) -> None:
-        """The verdicts the block just sent (drafted as `prop` on `ctx`) is likely to get, worth a prepared block.
-        Greedy proposals of drafters that estimate their tokens' acceptance only (learned drafters)."""
+    def _add_hypotheses(self, st: _Seq, ctx: list[int], prop: DraftProposal, block: list[int],
+                        streamed: bool = False) -> None:
+        """The verdicts the block just sent (drafted as `prop` on `ctx`, `block` its first branch) is likely to
+        get, worth a prepared block. Greedy proposals of drafters that estimate their tokens' acceptance only
+        (learned drafters). When the tree itself went out (`streamed`), a branch the target takes is a draft it
+        accepts, and the target's own token follows it: those verdicts are guessed like a whole block accepted."""
         if not self.max_hypotheses or prop.confidence is None or prop.probs is not None or not block:
             return
         st.budget = self.max_hypotheses
@@ -241,7 +254,7 @@ class DraftWorker(pb_grpc.DraftServiceServicer):
                 d = len(path) - 1
                 # the target verifies at most k tokens, so its own token is at a position <= k
                 if d <= min(len(block), st.k) and path[:d] == block[:d] and (d == len(block) or tok != block[d]):
-                    found.append((survive[d] * c, ctx + path, False))
+                    found.append((survive[d] * c, ctx + path, streamed and d < st.k))
         if len(block) <= st.k:  # the target verifies the whole block and adds a token of its own: guess it
             found.append((survive[len(block)], ctx + block, True))
         st.hypotheses = sorted([h for h in st.hypotheses + found if h[0] >= MIN_HYPOTHESIS_SCORE],
@@ -317,11 +330,12 @@ class DraftWorker(pb_grpc.DraftServiceServicer):
                 for (st, epoch, version, ctx), tree in zip(snapshot, trees):
                     if self.seqs.get(st.seq_id) is not st or st.version != version:
                         continue  # finished meanwhile, or a prepared block went out for the context that followed
-                    # a token stream carries chains: a drafter that drafts trees streams its first branch
+                    # the worker assumes a tree's first branch; the target verifies the whole tree
                     prop = tree.main_chain() if tree is not None else None
                     tokens = list(prop.tokens) if prop is not None else []
                     probs = prop.probs if prop is not None else None
                     start = len(ctx)
+                    streamed = tree is not None and tree.is_tree and tree.probs is None
                     if st.epoch != epoch:
                         # Verdicts arrived while drafting and contradicted our assumptions. A draft slower than the
                         # target's own steps would never catch up if it threw such blocks away: keep the part that
@@ -329,9 +343,11 @@ class DraftWorker(pb_grpc.DraftServiceServicer):
                         start, tokens, probs = _salvage(ctx, tokens, probs, st.committed)
                         if start < 0:
                             continue
-                        tree = None  # its branches are about the old context
-                    block = pb.DraftBlock(seq_id=st.seq_id, epoch=st.epoch, start=start, tokens=tokens,
-                                          drafted_at=now)
+                        tree, streamed = None, False  # its branches are about the old context
+                    block = pb.DraftBlock(seq_id=st.seq_id, epoch=st.epoch, start=start,
+                                          tokens=tree.tokens if streamed else tokens, drafted_at=now)
+                    if streamed:
+                        block.parents.extend(tree.parents)
                     if probs is not None and tokens:
                         block.probs.CopyFrom(tensor_to_proto(probs[: len(tokens)].float()))
                     st.assumed += tokens
@@ -339,7 +355,7 @@ class DraftWorker(pb_grpc.DraftServiceServicer):
                         st.starved = True  # told the target all we know; more only after the next verdict
                     self._send_block(st, block)
                     if tree is not None and st.budget == 0 and not st.prepared:
-                        self._add_hypotheses(st, ctx, tree, tokens)
+                        self._add_hypotheses(st, ctx, tree, tokens, streamed)
 
     def _prepare(self, guesses: list[tuple[_Seq, int, float, list[int], bool]]) -> None:
         """Draft the blocks for the guessed verdicts; see the module docstring."""
